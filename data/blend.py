@@ -1,0 +1,104 @@
+"""Blended, resumable datasets for a stage, built with megatron-core's BlendedMegatronDatasetBuilder.
+
+The sample order is a pure function of (prepared data, mix, seed, sequence length), and a step's
+samples are a pure function of the step: the loader's state is the global step, never per rank,
+so a resumed run (at any data-parallel size) sees exactly the samples it would have seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from data.prepare import PreparedData
+from data.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def _gpt_config(prepared: PreparedData, *, seq_length: int, seed: int, valid_percent: int, blend):
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    return GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=blend,
+        split=f"{100 - valid_percent},{valid_percent},0",
+        path_to_cache=os.path.join(prepared.root, "index_cache"),
+        tokenizer=load_tokenizer(prepared.tokenizer_path),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,  # causal masking is done inside attention
+        mmap_bin_files=True,
+    )
+
+
+def _build(config, sizes):
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+
+
+def train_dataset(
+    prepared: PreparedData,
+    *,
+    mix: dict[str, float],
+    seq_length: int,
+    samples: int,
+    seed: int,
+    valid_percent: int,
+):
+    """The stage's training blend: `samples` sequences drawn from the sources by the mix weights."""
+    names = sorted(mix)
+    blend = ([prepared.prefixes[n] for n in names], [float(mix[n]) for n in names])
+    config = _gpt_config(prepared, seq_length=seq_length, seed=seed, valid_percent=valid_percent, blend=blend)
+    return _build(config, [samples, 0, 0])[0]
+
+
+def valid_datasets(
+    prepared: PreparedData,
+    *,
+    sources: list[str],
+    seq_length: int,
+    samples: int,
+    seed: int,
+    valid_percent: int,
+) -> dict:
+    """One held-out dataset per source (the documents the training split never sees)."""
+    out = {}
+    for name in sources:
+        config = _gpt_config(
+            prepared,
+            seq_length=seq_length,
+            seed=seed,
+            valid_percent=valid_percent,
+            blend=([prepared.prefixes[name]], None),
+        )
+        out[name] = _build(config, [0, samples, 0])[1]
+    return out
+
+
+def micro_batches(dataset, indices: range, *, micro_batch: int) -> list[dict[str, torch.Tensor]]:
+    """Collate `dataset[i]` for i in `indices` into micro-batches of `micro_batch` sequences."""
+    out = []
+    idx = list(indices)
+    for start in range(0, len(idx), micro_batch):
+        samples = [dataset[i] for i in idx[start : start + micro_batch]]
+        out.append(
+            {
+                k: torch.stack([torch.as_tensor(s[k]) for s in samples])
+                for k in ("tokens", "labels", "loss_mask", "position_ids")
+            }
+        )
+    return out
+
+
+def step_indices(step: int, *, batch_sequences: int, dp_rank: int, dp_size: int) -> range:
+    """This data-parallel rank's share of global batch `step` (contiguous slice of the global sample order)."""
+    per_rank = batch_sequences // dp_size
+    first = step * batch_sequences + dp_rank * per_rank
+    return range(first, first + per_rank)

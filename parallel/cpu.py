@@ -1,0 +1,195 @@
+"""The shims megatron-core 0.16 needs to run on a CPU-only torch build (gloo), in one place.
+
+`apply()` installs them only when no GPU is present; each shim says why in one line and `check()`
+fails when one stops applying (tests/parallel/test_cpu_shims.py). Measured in
+shared/reference/ENGINES-CPU.md. On a GPU none of this runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import logging
+
+import torch
+
+from parallel.fixes import rewrite_source
+
+log = logging.getLogger(__name__)
+
+_applied: list[str] = []
+
+
+def _rng() -> None:
+    # model_parallel_cuda_manual_seed and the TP RNG tracker (fork()) read/write CUDA RNG state: use the CPU generator.
+    import megatron.core.tensor_parallel.random as R
+
+    logging.getLogger(R.__name__).setLevel(logging.ERROR)  # "CPU RNG state changed within GPU RNG context"
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
+    R._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: (
+        torch.get_rng_state().clone() if clone else torch.get_rng_state()
+    )
+    R._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+
+
+def _current_device() -> None:
+    # torch.cuda.current_device() is passed as `device=` (rotary embedding, grad buffers): answer "cpu".
+    torch.cuda.current_device = lambda: "cpu"
+
+
+def _as_cpu(device):
+    if isinstance(device, str) and device.startswith("cuda"):
+        return "cpu"
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+_FACTORIES = (
+    "zeros",
+    "ones",
+    "empty",
+    "full",
+    "tensor",
+    "arange",
+    "rand",
+    "randn",
+    "randint",
+    "zeros_like",
+    "ones_like",
+    "empty_like",
+    "full_like",
+    "as_tensor",
+    "linspace",
+    "eye",
+    "randperm",
+    "empty_strided",
+)
+
+
+def _cuda_factories() -> None:
+    # ~65 places hardcode device="cuda" (schedules.py token counts, causal masks, optimizer buffers):
+    # remap it to cpu in torch's factories, and make .cuda()/.to("cuda") stay on the CPU.
+    def wrap(f):
+        @functools.wraps(f)
+        def factory(*args, **kwargs):
+            if "device" in kwargs:
+                kwargs["device"] = _as_cpu(kwargs["device"])
+            return f(*args, **kwargs)
+
+        return factory
+
+    for name in _FACTORIES:
+        setattr(torch, name, wrap(getattr(torch, name)))
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    to = torch.Tensor.to
+
+    def tensor_to(self, *args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _as_cpu(kwargs["device"])
+        return to(self, *(_as_cpu(a) if isinstance(a, (str, torch.device)) else a for a in args), **kwargs)
+
+    torch.Tensor.to = tensor_to
+
+
+class _NoStream:
+    """Stands in for torch.cuda.Stream/Event: CPU ops are synchronous, so waiting is a no-op."""
+
+    def wait_stream(self, *a, **k): ...
+    def wait_event(self, *a, **k): ...
+    def record_event(self, *a, **k):
+        return self
+
+    def record(self, *a, **k): ...
+    def synchronize(self): ...
+    def wait(self, *a, **k): ...
+    def query(self):
+        return True
+
+
+def _cuda_streams() -> None:
+    # torch.cuda.synchronize() in p2p and the checkpoint writer; streams/events in DDP and MoE dispatch.
+    stream = _NoStream()
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.Stream = lambda *a, **k: _NoStream()
+    torch.cuda.Event = lambda *a, **k: _NoStream()
+    torch.cuda.current_stream = lambda *a, **k: stream
+    torch.cuda.stream = lambda s=None: contextlib.nullcontext()
+
+
+_TYPES = [(f"'torch.cuda.{t}'", f"'torch.{t}'") for t in ("FloatTensor", "HalfTensor", "BFloat16Tensor")]
+
+
+def _type_strings() -> None:
+    # clip_grads asserts grad.type() == 'torch.cuda.FloatTensor'; the distributed optimizer refuses other types.
+    import megatron.core.optimizer.clip_grads as CG
+    import megatron.core.optimizer.distrib_optimizer as DO
+    import megatron.core.optimizer.optimizer as OPT
+
+    rewrite_source(CG, "clip_grad_by_total_norm_fp32", _TYPES[:1])
+    OPT.clip_grad_by_total_norm_fp32 = CG.clip_grad_by_total_norm_fp32
+    rewrite_source(DO, "DistributedOptimizer._build_model_and_main_param_groups", _TYPES)
+
+
+def _sp_norm() -> None:
+    # The torch RMSNorm wrapper asserts "sequence parallel not supported"; tag its weight for the TP grad all-reduce.
+    from megatron.core.transformer import torch_norm
+
+    def __new__(
+        cls,
+        config,
+        hidden_size,
+        eps=1e-5,
+        persist_layer_norm=False,
+        zero_centered_gamma=False,
+        normalization="LayerNorm",
+    ):
+        norm = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}[config.normalization]
+        module = norm(normalized_shape=hidden_size, eps=eps)
+        for p in module.parameters():
+            p.sequence_parallel = bool(config.sequence_parallel)
+        return module
+
+    torch_norm.WrappedTorchNorm.__new__ = __new__
+
+
+SHIMS = {
+    "rng": _rng,
+    "current_device": _current_device,
+    "cuda_factories": _cuda_factories,
+    "cuda_streams": _cuda_streams,
+    "type_strings": _type_strings,
+    "sp_norm": _sp_norm,
+}
+
+
+def apply() -> list[str]:
+    """Install every shim once when no GPU is present; return the names applied."""
+    if torch.cuda.is_available() or _applied:
+        return list(_applied)
+    for name, shim in SHIMS.items():
+        shim()
+        _applied.append(name)
+    log.debug("megatron-core CPU shims applied: %s", ", ".join(_applied))
+    return list(_applied)
+
+
+def check() -> dict[str, bool]:
+    """Whether each shim is in effect (after apply()), by probing the behaviour it fixes."""
+    import megatron.core.optimizer.clip_grads as CG
+    import megatron.core.tensor_parallel.random as R
+    from megatron.core.transformer import torch_norm
+
+    return {
+        "rng": R._get_cuda_rng_state().equal(torch.get_rng_state()),
+        "current_device": torch.cuda.current_device() == "cpu",
+        "cuda_factories": torch.zeros(1, device="cuda").device.type == "cpu",
+        "cuda_streams": torch.cuda.synchronize() is None and torch.cuda.current_stream().query(),
+        "type_strings": "torch.cuda.FloatTensor" not in inspect.getsource(CG.clip_grad_by_total_norm_fp32)
+        if not hasattr(CG.clip_grad_by_total_norm_fp32, "__code__")
+        else "torch.cuda.FloatTensor" not in CG.clip_grad_by_total_norm_fp32.__code__.co_consts,
+        "sp_norm": "__new__" in vars(torch_norm.WrappedTorchNorm)
+        and vars(torch_norm.WrappedTorchNorm)["__new__"].__module__ == __name__,
+    }

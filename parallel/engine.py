@@ -1,0 +1,130 @@
+"""Process groups and the megatron-core engine: DDP with bucketed (overlapped) gradient reduce, and the
+distributed optimizer (ZeRO-1: Adam state sharded over the data-parallel axis)."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from parallel import cpu
+from parallel.fixes import apply_megatron_fixes
+from parallel.layout import ParallelLayout
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but torch sees no GPU; use device=auto or device=cpu")
+    if requested == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group torchrun describes (env://), or a world of one when run without torchrun."""
+    if dist.is_initialized():
+        return
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+        )
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30)
+    )
+
+
+def init_model_parallel(layout: ParallelLayout, *, seed: int, device: torch.device) -> None:
+    """megatron-core process groups for the layout, and its tensor-parallel RNG tracker."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    if device.type == "cpu":
+        cpu.apply()
+    apply_megatron_fixes()
+    if dist.get_world_size() != layout.world_size:
+        raise RuntimeError(
+            f"the layout expects {layout.world_size} processes (parallel.nproc_per_node*nnodes) "
+            f"but torchrun started {dist.get_world_size()}"
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp
+        )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_ddp(model: torch.nn.Module, layout: ParallelLayout):
+    """megatron-core DDP: grads in one contiguous fp32 buffer, reduced in buckets as backward proceeds."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=layout.overlap_grad_reduce,
+        use_distributed_optimizer=layout.distributed_optimizer,
+    )
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+
+def build_optimizer(
+    ddp_model,
+    *,
+    layout: ParallelLayout,
+    lr: float,
+    min_lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    clip_grad: float,
+    bf16: bool,
+):
+    """AdamW through megatron-core (no decay on norms and biases; distributed optimizer when the layout asks)."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = OptimizerConfig(
+        optimizer="adam",  # decoupled weight decay: torch AdamW semantics
+        lr=lr,
+        min_lr=min_lr,
+        weight_decay=weight_decay,
+        adam_beta1=betas[0],
+        adam_beta2=betas[1],
+        adam_eps=eps,
+        clip_grad=clip_grad,
+        bf16=bf16,
+        params_dtype=torch.float32,
+        use_distributed_optimizer=layout.distributed_optimizer,
+    )
+    return get_megatron_optimizer(config, [ddp_model])
+
+
+def configure_schedule_hooks(ddp_model) -> None:
+    """What megatron-core's forward_backward_func needs to drive DDP: no_sync for all but the last
+    micro-batch, and finalize_model_grads (finish bucketed reduce, TP-shared grads) after backward."""
+    from megatron.core.distributed import finalize_model_grads
+
+    config = ddp_model.config
+    config.no_sync_func = ddp_model.no_sync
+    config.finalize_model_grads_func = finalize_model_grads

@@ -1,0 +1,48 @@
+"""Source-level fixes of megatron-core bugs (applied on every device), and the helper that applies them."""
+
+from __future__ import annotations
+
+import inspect
+import textwrap
+
+
+def rewrite_source(module, qualname: str, replacements: list[tuple[str, str]]) -> None:
+    """Recompile `module.qualname` with textual replacements; raise if a pattern is gone (the shim
+    would silently stop applying after an upgrade)."""
+    owner, attr = module, qualname
+    if "." in qualname:
+        cls_name, attr = qualname.split(".")
+        owner = getattr(module, cls_name)
+    fn = owner.__dict__[attr]
+    src = textwrap.dedent(inspect.getsource(fn))
+    for old, new in replacements:
+        if old not in src:
+            raise RuntimeError(f"patch of {module.__name__}.{qualname}: pattern {old!r} not found")
+        src = src.replace(old, new)
+    namespace: dict = {}
+    exec(compile(src, f"<kiln patch {module.__name__}.{qualname}>", "exec"), module.__dict__, namespace)
+    setattr(owner, attr, namespace[fn.__name__])
+
+
+_fixed = False
+
+
+def apply_megatron_fixes() -> None:
+    """Fixes for megatron-core 0.16 bugs that give wrong numbers on any device (ENGINES-CPU.md, case 3):
+    resuming the distributed optimizer from a `fully_reshardable` checkpoint raises KeyError 'step'
+    (the saved tensors hold no 'step'), and then every param's state shares ONE `step` tensor that
+    torch Adam increments once per param per step, so the resumed loss drifts."""
+    global _fixed
+    if _fixed:
+        return
+    import megatron.core.optimizer.distrib_optimizer as DO
+
+    rewrite_source(
+        DO,
+        "DistributedOptimizer._set_main_param_and_optimizer_states",
+        [("for key in dst_tensors:", "for key in [k_ for k_ in dst_tensors if k_ in tensors]:")],
+    )
+    rewrite_source(
+        DO, "DistributedOptimizer.load_state_dict", [('s["step"] = step\n', 's["step"] = step.clone()\n')]
+    )
+    _fixed = True

@@ -1,0 +1,66 @@
+"""Shared fixtures: a small real data config and a helper that runs `python -m train` as users do."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A small but real run: the stdlib/package-docs corpus capped, a 2-layer model, short stages.
+SMALL = [
+    "data.sources.code.max_bytes=600000",
+    "data.sources.docs.max_docs=400",
+    "data.tokenizer.vocab_size=1024",
+    "data.tokenizer.train_bytes=600000",
+    "model.num_layers=2",
+    "model.hidden_size=128",
+    "model.num_attention_heads=4",
+    "model.num_kv_heads=2",
+    "model.ffn_hidden_size=352",
+    "logging.wandb.mode=disabled",
+    "logging.log_every_steps=1",
+    "recipe.stages.base.eval_tokens=2048",
+    "recipe.stages.long_context.eval_tokens=2048",
+    "recipe.stages.anneal.eval_tokens=2048",
+]
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> str:
+    """One prepared-data cache shared by every run of the session (keyed by the data config's hash)."""
+    return str(tmp_path_factory.mktemp("data_cache"))
+
+
+def run_train(
+    overrides: list[str], *, cwd: Path, timeout: int = 900, check: bool = True
+) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="disabled", HYDRA_FULL_ERROR="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", *overrides],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"python -m train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(records: list[dict], stage: str) -> dict[int, float]:
+    """Training loss per step of a stage (a resumed run re-logs steps: the last record wins)."""
+    return {r["step"]: r["loss"] for r in records if r["stage"] == stage and "loss" in r}

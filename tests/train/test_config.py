@@ -1,0 +1,119 @@
+"""Config composition, schema validation and the errors users see for configs that cannot work."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from train.config import register, to_config
+from train.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = str(ROOT / "configs")
+register()
+
+
+def compose_cfg(overrides: list[str] | None = None):
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides or [])
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (ROOT / "configs" / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["data", "model", "parallel", "recipe", "logging"])
+def test_every_shipped_option_composes_and_validates(group):
+    for option in options(group):
+        cfg = to_config(compose_cfg([f"{group}={option}"]))
+        assert cfg.recipe.stages, option
+
+
+def test_default_config_values():
+    cfg = to_config(compose_cfg())
+    assert list(cfg.recipe.stages) == ["base", "long_context", "anneal"]
+    assert cfg.run_dir == "runs/kiln/default"
+    assert cfg.parallel.world_size == 2 and cfg.parallel.dp_size == 2
+    lc = cfg.recipe.stages["long_context"]
+    assert lc.init_from == "base" and lc.seq_length == 1024 and lc.rope_scaling_factor == 4.0
+    anneal = cfg.recipe.stages["anneal"]
+    assert anneal.lr is None and anneal.min_lr == 0 and anneal.schedule == "linear"
+    assert anneal.mix["docs"] > anneal.mix["code"]
+    assert cfg.model.arch().num_attention_heads % cfg.model.arch().num_kv_heads == 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "hint"),
+    [
+        (["model.num_kv_heads=3"], "model.num_kv_heads", "must divide num_attention_heads=8"),
+        (
+            ["recipe.stages.base.batch_tokens=1280"],
+            "recipe.stages.base.batch_tokens",
+            "multiple of dp*micro_batch",
+        ),
+        (
+            ["recipe.stages.base.batch_tokens=1000"],
+            "recipe.stages.base.batch_tokens",
+            "multiple of seq_length=256",
+        ),
+        (["parallel.tp=3"], "parallel.tp", "world size 2; try tp=2"),
+        (["parallel.nproc_per_node=4", "parallel.tp=4", "model.num_kv_heads=2"], "parallel.tp", "try tp=2"),
+        (["parallel.dp=3"], "parallel.dp", "use dp=2 or dp=-1"),
+        (
+            ["data.sources.docs.kind=files", "data.sources.docs.paths=[/no/such/dir/*.jsonl]"],
+            "data.sources.docs.paths",
+            "matches no file",
+        ),
+        (["+recipe.stages.anneal.mix.web=1.0"], "recipe.stages.anneal.mix.web", "no such data source"),
+        (
+            ["recipe.stages.long_context.init_from=nowhere"],
+            "recipe.stages.long_context.init_from",
+            "earlier stage",
+        ),
+        (["recipe.stages.base.schedule=wsdx"], "recipe.stages.base.schedule", "cosine, linear, constant"),
+        (["logging.wandb.mode=sometimes"], "logging.wandb.mode", "offline, online, disabled"),
+        (["only_stage=warmup"], "only_stage", "base, long_context, anneal"),
+    ],
+)
+def test_invalid_config_names_key_value_and_fix(overrides, key, hint):
+    with pytest.raises(ConfigError) as err:
+        to_config(compose_cfg(overrides))
+    assert err.value.key == key
+    assert hint in str(err.value)
+    assert str(err.value).startswith(f"{key}=")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        [sys.executable, "-m", "train", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_refuses_bad_config_before_any_process_starts(tmp_path):
+    proc = _cli("model.num_kv_heads=3", f"run_dir={tmp_path}/run")
+    assert proc.returncode == 2
+    assert "kiln: invalid config: model.num_kv_heads=3: must divide num_attention_heads=8" in proc.stderr
+    assert "torch.distributed.run" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "run" / "data").exists()  # no data work was done
+
+
+def test_cli_unknown_group_option_lists_the_choices():
+    proc = _cli("model=llama_huge", "--cfg", "job")
+    assert proc.returncode != 0
+    assert "Could not find 'model/llama_huge'" in proc.stderr
+    assert "llama_tiny" in proc.stderr
+
+
+def test_cli_help_lists_groups_and_cfg_job_prints_config():
+    help_text = _cli("--help").stdout
+    for group in ("data:", "model:", "parallel:", "stage:", "recipe:", "logging:"):
+        assert group in help_text
+    job = _cli("--cfg", "job", "experiment=demo").stdout
+    assert "run_dir: runs/${experiment}/${name}" in job
+    assert "rope_scaling_factor: 4.0" in job

@@ -1,0 +1,79 @@
+"""`python -m train [overrides]`: the Kiln Hydra app.
+
+Composes and validates the whole config before anything else happens. Then:
+- under torchrun (or Slurm's srun torchrun), or with a world of one: runs this rank;
+- otherwise: prepares the data once in this process, then starts
+  `torchrun --standalone --nproc_per_node=<parallel.nproc_per_node> -m train <same overrides>`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from train.config import register, to_config
+from train.errors import ConfigError
+
+register()
+
+
+def _under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def launch(cfg, overrides: list[str]) -> int:
+    """Prepare the data once, then start one process per rank with the same overrides."""
+    import logging
+
+    from data.prepare import prepare_data
+    from train.logs import setup_logging
+
+    setup_logging(rank=0, level=cfg.logging.level)
+    prepare_data(cfg.data)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={cfg.parallel.nproc_per_node}",
+        "-m",
+        "train",
+        *overrides,
+    ]
+    logging.getLogger("train").info("launching: %s", " ".join(cmd))
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.parallel.nproc_per_node)))
+    return subprocess.call(cmd, env=env)
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
+def main(dcfg: DictConfig) -> None:
+    try:
+        cfg = to_config(dcfg)
+        if not _under_torchrun() and cfg.parallel.nnodes > 1:
+            raise ConfigError(
+                "parallel.nnodes",
+                cfg.parallel.nnodes,
+                "multi-node runs start torchrun on every node (srun torchrun ... -m train); "
+                "launch them through Slurm or set nnodes=1",
+            )
+    except ConfigError as e:
+        print(f"kiln: invalid config: {e}", file=sys.stderr)
+        sys.exit(2)
+    if _under_torchrun() or cfg.parallel.world_size == 1:
+        from train.run import run
+
+        run(cfg)
+        return
+    code = launch(cfg, list(HydraConfig.get().overrides.task))
+    if code:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

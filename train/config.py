@@ -1,0 +1,307 @@
+"""Config schema: one dataclass per Hydra group, registered in the ConfigStore (CONVENTIONS 4).
+
+The YAML files in `configs/<group>/` only override these. Each dataclass validates itself in
+`__post_init__`; `validate()` checks what spans groups (mix vs sources, batch vs layout, heads vs tp).
+All of it runs before any process starts or any data is read.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from models.llama import LlamaArch, resolve_arch
+from parallel.layout import ParallelLayout
+from train.errors import ConfigError
+
+SOURCE_KINDS = ("python_stdlib", "package_docs", "files")
+SCHEDULES = ("cosine", "linear", "constant")
+WANDB_MODES = ("offline", "online", "disabled")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+# ----------------------------------------------------------------------------------------------- data
+@dataclass
+class SourceConfig:
+    kind: str = "files"
+    """python_stdlib (the interpreter's own .py sources), package_docs (README/.md/.rst and METADATA
+    descriptions of installed packages) or files (the `paths` globs: .jsonl with a `text` field, else plain text)."""
+    paths: list[str] = field(default_factory=list)
+    """Globs read by kind=files (`**` allowed)."""
+    max_docs: int | None = None
+    """Keep at most this many documents (after sorting inputs by path, so the choice is deterministic)."""
+    max_bytes: int | None = None
+    """Stop reading once this many UTF-8 bytes of documents are kept."""
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 4096
+    """SentencePiece vocabulary size (the model pads it to a multiple of 128)."""
+    model_type: str = "bpe"
+    """SentencePiece model type: bpe or unigram."""
+    byte_fallback: bool = True
+    """Unknown characters become UTF-8 byte tokens, so no text is ever <unk>."""
+    train_bytes: int = 8_000_000
+    """Bytes of text (sampled evenly over sources) used to train the tokenizer."""
+
+
+@dataclass
+class DataConfig:
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    """Named sources; stage mixes refer to these names."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    cache_dir: str = "${run_dir}/data"
+    """Where prepared data lives; each preparation goes in a subdirectory named by the data config's hash."""
+    min_chars: int = 64
+    """Drop documents shorter than this many characters after normalization."""
+    valid_percent: int = 2
+    """Percent of each source's documents held out for validation."""
+    seed: int = 1234
+    """Seed of the blended dataset's sample order."""
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ConfigError("data.sources", {}, "name at least one source, e.g. data=default")
+        for name, src in self.sources.items():
+            if src.kind not in SOURCE_KINDS:
+                raise ConfigError(
+                    f"data.sources.{name}.kind", src.kind, f"choose one of {', '.join(SOURCE_KINDS)}"
+                )
+            if src.kind == "files" and not src.paths:
+                raise ConfigError(
+                    f"data.sources.{name}.paths", [], "kind=files needs at least one path or glob"
+                )
+        if self.tokenizer.model_type not in ("bpe", "unigram"):
+            raise ConfigError("data.tokenizer.model_type", self.tokenizer.model_type, "choose bpe or unigram")
+        if not 256 < self.tokenizer.vocab_size <= 65_000:
+            raise ConfigError(
+                "data.tokenizer.vocab_size", self.tokenizer.vocab_size, "use 257..65000 (uint16 token files)"
+            )
+        if not 0 < self.valid_percent < 50:
+            raise ConfigError("data.valid_percent", self.valid_percent, "use a percent between 1 and 49")
+
+
+# ---------------------------------------------------------------------------------------------- model
+@dataclass
+class ModelConfig:
+    family: str = "llama3"
+    """Model family (models/): llama3."""
+    size: str = "tiny"
+    """A size of the family, defined in code (models/llama.py SIZES)."""
+    num_layers: int | None = None
+    """Overrides of the size's values; null keeps the size's own."""
+    hidden_size: int | None = None
+    num_attention_heads: int | None = None
+    num_kv_heads: int | None = None
+    ffn_hidden_size: int | None = None
+    rope_theta: float | None = None
+    tie_embeddings: bool | None = None
+
+    def arch(self) -> LlamaArch:
+        overrides = {k: v for k, v in vars(self).items() if k not in ("family", "size") and v is not None}
+        return resolve_arch(self.family, self.size, **overrides)
+
+    def __post_init__(self) -> None:
+        self.arch()  # raises ConfigError naming the bad key
+
+
+# ---------------------------------------------------------------------------------------------- stage
+@dataclass
+class StageConfig:
+    tokens: int = 1_000_000
+    """Training tokens of this stage."""
+    seq_length: int = 256
+    """Context length of this stage's samples."""
+    batch_tokens: int = 4096
+    """Global batch in tokens (a multiple of seq_length); steps = tokens / batch_tokens."""
+    lr: float | None = 3e-3
+    """Peak learning rate; null starts from the learning rate the init_from checkpoint ended at."""
+    min_lr: float = 3e-4
+    """Learning rate at the end of the schedule."""
+    warmup_tokens: int = 0
+    """Linear warm-up length in tokens."""
+    schedule: str = "cosine"
+    """Decay after warm-up: cosine, linear or constant."""
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    init_from: str | None = None
+    """Where the weights start: null (random init), an earlier stage of the recipe, or a checkpoint directory."""
+    keep_optimizer: bool = False
+    """With init_from: also load the optimizer state (else it starts fresh)."""
+    rope_scaling_factor: float = 1.0
+    """Linear RoPE position interpolation (Chen et al. 2023): positions are divided by this factor."""
+    mix: dict[str, float] = field(default_factory=dict)
+    """Sampling weight per data source name (normalized)."""
+    eval_every_tokens: int = 0
+    """Validation every this many training tokens (0: only at the start and end of the stage)."""
+    eval_tokens: int = 16_384
+    """Validation tokens per source."""
+    save_every_tokens: int = 0
+    """Checkpoint every this many tokens (0: only at the end of the stage)."""
+
+    def validate(self, name: str) -> None:
+        key = f"recipe.stages.{name}"
+        for attr in ("tokens", "seq_length", "batch_tokens", "eval_tokens"):
+            if getattr(self, attr) <= 0:
+                raise ConfigError(f"{key}.{attr}", getattr(self, attr), "must be > 0")
+        if self.batch_tokens % self.seq_length:
+            raise ConfigError(
+                f"{key}.batch_tokens",
+                self.batch_tokens,
+                f"must be a multiple of seq_length={self.seq_length}; try "
+                f"{max(1, self.batch_tokens // self.seq_length) * self.seq_length}",
+            )
+        if self.tokens < self.batch_tokens:
+            raise ConfigError(
+                f"{key}.tokens", self.tokens, f"must cover at least one batch ({self.batch_tokens} tokens)"
+            )
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"{key}.schedule", self.schedule, f"choose one of {', '.join(SCHEDULES)}")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(
+                f"{key}.lr", self.lr, "must be > 0, or null to continue from the checkpoint's LR"
+            )
+        if self.min_lr < 0 or (self.lr is not None and self.min_lr > self.lr):
+            raise ConfigError(f"{key}.min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
+        if self.rope_scaling_factor < 1:
+            raise ConfigError(f"{key}.rope_scaling_factor", self.rope_scaling_factor, "must be >= 1")
+        if not self.mix or any(w <= 0 for w in self.mix.values()):
+            raise ConfigError(
+                f"{key}.mix", dict(self.mix), "give each source a weight > 0, e.g. {code: 0.7, docs: 0.3}"
+            )
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.batch_tokens
+
+    @property
+    def batch_sequences(self) -> int:
+        return self.batch_tokens // self.seq_length
+
+
+@dataclass
+class RecipeConfig:
+    name: str = MISSING
+    """Name of the recipe; the default run name."""
+    stages: dict[str, StageConfig] = field(default_factory=dict)
+    """Stages in the order they run (configs/stage/*.yaml, overridden by the recipe)."""
+
+
+# -------------------------------------------------------------------------------------------- logging
+@dataclass
+class WandbConfig:
+    mode: str = "offline"
+    """offline (default, never needs network), online or disabled."""
+    project: str = "kiln"
+    entity: str | None = None
+
+
+@dataclass
+class LoggingConfig:
+    level: str = "INFO"
+    log_every_steps: int = 10
+    """Metrics (loss, LR, grad norm, tokens/s) are logged every this many steps."""
+    progress: bool = True
+    """A progress bar on rank 0 when stdout is a terminal (log lines otherwise)."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self) -> None:
+        if self.wandb.mode not in WANDB_MODES:
+            raise ConfigError(
+                "logging.wandb.mode", self.wandb.mode, f"choose one of {', '.join(WANDB_MODES)}"
+            )
+        if self.log_every_steps < 1:
+            raise ConfigError("logging.log_every_steps", self.log_every_steps, "must be >= 1")
+
+
+# ----------------------------------------------------------------------------------------------- root
+@dataclass
+class TrainConfig:
+    data: DataConfig = MISSING
+    model: ModelConfig = MISSING
+    parallel: ParallelLayout = MISSING
+    recipe: RecipeConfig = MISSING
+    logging: LoggingConfig = MISSING
+    experiment: str = "kiln"
+    """Run directory is runs/<experiment>/<name>."""
+    name: str = "${recipe.name}"
+    run_dir: str = "runs/${experiment}/${name}"
+    """Deterministic (no timestamp): a re-launched or requeued job finds its own checkpoints."""
+    seed: int = 1234
+    """Seed of model initialization."""
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cpu or cuda."""
+    only_stage: str | None = None
+    """Run just this stage of the recipe (its init_from must already be trained)."""
+    sample_prompt: str = "def "
+    """Prompt of the greedy sample printed in the final report."""
+    sample_tokens: int = 40
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="kiln_schema", node=TrainConfig)
+
+
+def to_config(cfg: DictConfig) -> TrainConfig:
+    """Resolve and type the composed config, then validate it as a whole. Raises ConfigError."""
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, TrainConfig)
+    validate(obj)
+    return obj
+
+
+def validate(cfg: TrainConfig) -> None:
+    if cfg.device not in DEVICES:
+        raise ConfigError("device", cfg.device, f"choose one of {', '.join(DEVICES)}")
+    arch = cfg.model.arch()
+    cfg.parallel.check_model(heads=arch.num_attention_heads, kv_heads=arch.num_kv_heads)
+    stages = cfg.recipe.stages
+    if not stages:
+        raise ConfigError("recipe.stages", {}, "a recipe needs at least one stage")
+    seen: list[str] = []
+    for name, stage in stages.items():
+        stage.validate(name)
+        for src in stage.mix:
+            if src not in cfg.data.sources:
+                raise ConfigError(
+                    f"recipe.stages.{name}.mix.{src}",
+                    stage.mix[src],
+                    f"no such data source; sources are {sorted(cfg.data.sources)}",
+                )
+        cfg.parallel.check_batch(key=f"recipe.stages.{name}.batch_tokens", sequences=stage.batch_sequences)
+        if stage.init_from is not None and stage.init_from not in seen and not os.path.isdir(stage.init_from):
+            raise ConfigError(
+                f"recipe.stages.{name}.init_from",
+                stage.init_from,
+                f"name an earlier stage ({', '.join(seen) or 'none before this one'}) or an existing checkpoint directory",
+            )
+        if stage.lr is None and stage.init_from is None:
+            raise ConfigError(
+                f"recipe.stages.{name}.lr",
+                None,
+                "lr=null continues an init_from checkpoint's LR; set init_from or an lr",
+            )
+        seen.append(name)
+    if cfg.only_stage is not None and cfg.only_stage not in stages:
+        raise ConfigError(
+            "only_stage", cfg.only_stage, f"choose one of the recipe's stages: {', '.join(stages)}"
+        )
+    for name, src in cfg.data.sources.items():
+        if src.kind == "files":
+            import glob
+
+            for pattern in src.paths:
+                if not glob.glob(os.path.expanduser(pattern), recursive=True):
+                    raise ConfigError(
+                        f"data.sources.{name}.paths",
+                        pattern,
+                        "matches no file; check the path (globs like data/*.jsonl work)",
+                    )

@@ -1,0 +1,97 @@
+"""A whole run on this process (one rank of torchrun, or a world of one): data, then the recipe's stages
+chained by checkpoints, then the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+from data.prepare import load_prepared, prepare_data, prepared_dir
+from data.tokenizer import load_tokenizer
+from models.llama import padded_vocab_size
+from parallel import engine
+from train import checkpoint
+from train.config import TrainConfig
+from train.logs import MetricSinks, set_stage, setup_logging
+from train.loop import Run, StageResult, run_stage
+from train.report import format_report, greedy_sample
+
+log = logging.getLogger(__name__)
+
+
+def init_checkpoint(cfg: TrainConfig, init_from: str | None) -> str | None:
+    """The checkpoint a stage starts from: the final checkpoint of an earlier stage, or a given directory."""
+    if init_from is None:
+        return None
+    directory = checkpoint.stage_dir(cfg.run_dir, init_from) if init_from in cfg.recipe.stages else init_from
+    path = (
+        directory
+        if os.path.exists(os.path.join(directory, checkpoint.STATE_FILE))
+        else checkpoint.latest(directory)
+    )
+    if path is None or (init_from in cfg.recipe.stages and not checkpoint.read_state(path)["final"]):
+        raise RuntimeError(
+            f"init_from={init_from!r}: no complete checkpoint in {directory}; run that stage first"
+        )
+    return path
+
+
+def run(cfg: TrainConfig) -> list[StageResult]:
+    device = engine.pick_device(cfg.device)
+    engine.init_distributed(device)
+    rank = dist.get_rank()
+    setup_logging(
+        rank=rank, level=cfg.logging.level, log_file=os.path.join(cfg.run_dir, "logs", f"rank{rank}.log")
+    )
+    try:
+        return _run(cfg, device)
+    finally:
+        engine.destroy()
+
+
+def _run(cfg: TrainConfig, device: torch.device) -> list[StageResult]:
+    engine.init_model_parallel(cfg.parallel, seed=cfg.seed, device=device)
+    if dist.get_rank() == 0:
+        prepared = prepare_data(cfg.data)
+    dist.barrier()
+    if dist.get_rank() != 0:
+        prepared = load_prepared(prepared_dir(cfg.data))
+    tokenizer = load_tokenizer(prepared.tokenizer_path)
+    sinks = MetricSinks(
+        run_dir=cfg.run_dir,
+        run_name=f"{cfg.experiment}/{cfg.name}",
+        wandb_cfg=cfg.logging.wandb,
+        config=dataclasses.asdict(cfg),
+        enabled=dist.get_rank() == 0,
+    )
+    run = Run(cfg=cfg, device=device, prepared=prepared, vocab_size=tokenizer.vocab_size, sinks=sinks)
+    log.info(
+        "run %s: world %d (tp %d, dp %d), device %s, vocab %d (padded %d)",
+        cfg.run_dir,
+        dist.get_world_size(),
+        cfg.parallel.tp,
+        cfg.parallel.dp_size,
+        device,
+        tokenizer.vocab_size,
+        padded_vocab_size(tokenizer.vocab_size, cfg.parallel.tp),
+    )
+    results = []
+    try:
+        for name, stage in cfg.recipe.stages.items():
+            if cfg.only_stage is not None and name != cfg.only_stage:
+                continue
+            results.append(run_stage(run, name, stage, init_path=init_checkpoint(cfg, stage.init_from)))
+        set_stage("-")
+        sample = greedy_sample(cfg, results[-1], run=run, tokenizer=tokenizer)
+    finally:
+        sinks.close()
+    if dist.get_rank() == 0:
+        report = format_report(cfg, results, sample=sample)
+        with open(os.path.join(cfg.run_dir, "report.md"), "w") as f:
+            f.write(report + "\n")
+        print(report, flush=True)  # the job's product on stdout
+    return results
