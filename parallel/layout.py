@@ -16,12 +16,12 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _nearest(value: int, candidates: list[int]) -> str:
-    """The valid values nearest to `value`, for an error message ("try tp=2 or tp=4")."""
+def _nearest(name: str, value: int, candidates: list[int]) -> str:
+    """The valid values nearest to `value`, for an error message ("tp=2 or tp=4")."""
     below = [c for c in candidates if c < value]
     above = [c for c in candidates if c > value]
     picks = ([max(below)] if below else []) + ([min(above)] if above else [])
-    return " or ".join(str(p) for p in picks) or str(candidates[0])
+    return " or ".join(f"{name}={p}" for p in picks or candidates[:1])
 
 
 @dataclass
@@ -73,7 +73,7 @@ class ParallelLayout:
                 "parallel.tp",
                 self.tp,
                 f"tp*pp={self.tp * self.pp} must divide the world size {world}; "
-                f"try tp={_nearest(self.tp, [d for d in _divisors(world) if (world // d) % self.pp == 0])}",
+                f"try {_nearest('tp', self.tp, [d for d in _divisors(world) if (world // d) % self.pp == 0])}",
             )
         if self.dp != -1 and self.dp * self.tp * self.pp != world:
             raise ConfigError(
@@ -97,7 +97,7 @@ class ParallelLayout:
             raise ConfigError(
                 "parallel.tp",
                 self.tp,
-                f"tp must divide {heads} heads and {kv_heads} kv heads; try tp={_nearest(self.tp, fits)}",
+                f"tp must divide {heads} heads and {kv_heads} kv heads; try {_nearest('tp', self.tp, fits)}",
             )
 
     def check_batch(self, *, key: str, sequences: int) -> None:

@@ -32,6 +32,21 @@ SMALL = [
 
 
 @pytest.fixture(scope="session")
+def megatron_world1():
+    """This test process as a world of one: gloo process group, megatron-core groups, CPU shims."""
+    import torch
+
+    from parallel import engine
+    from parallel.layout import ParallelLayout
+
+    device = torch.device("cpu")
+    engine.init_distributed(device)
+    engine.init_model_parallel(ParallelLayout(nproc_per_node=1), seed=1234, device=device)
+    yield device
+    engine.destroy()
+
+
+@pytest.fixture(scope="session")
 def data_cache(tmp_path_factory) -> str:
     """One prepared-data cache shared by every run of the session (keyed by the data config's hash)."""
     return str(tmp_path_factory.mktemp("data_cache"))

@@ -1,0 +1,117 @@
+"""Real runs of `python -m train` on 2 gloo processes: DP parity, stage chaining, resume after a kill."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, SMALL, read_metrics, run_train, train_losses
+
+pytestmark = pytest.mark.slow
+
+STAGES = SMALL + [
+    "parallel.micro_batch=1",
+    "recipe.stages.base.tokens=16384",
+    "recipe.stages.base.batch_tokens=2048",
+    "recipe.stages.base.warmup_tokens=4096",
+    "recipe.stages.base.eval_every_tokens=8192",
+    # Same context and RoPE as base, so its starting validation loss must equal base's final one.
+    "recipe.stages.long_context.seq_length=256",
+    "recipe.stages.long_context.rope_scaling_factor=1.0",
+    "recipe.stages.long_context.tokens=4096",
+    "recipe.stages.long_context.batch_tokens=2048",
+    "recipe.stages.long_context.warmup_tokens=0",
+    "recipe.stages.anneal.seq_length=512",
+    "recipe.stages.anneal.rope_scaling_factor=2.0",
+    "recipe.stages.anneal.tokens=6144",
+    "recipe.stages.anneal.batch_tokens=2048",
+]
+
+
+def overrides(run_dir: Path, data_cache: str, *extra: str) -> list[str]:
+    return [*STAGES, f"run_dir={run_dir}", f"data.cache_dir={data_cache}", *extra]
+
+
+@pytest.fixture(scope="module")
+def dp2_run(tmp_path_factory, data_cache):
+    run_dir = tmp_path_factory.mktemp("dp2") / "run"
+    proc = run_train(overrides(run_dir, data_cache), cwd=ROOT)
+    return run_dir, proc
+
+
+def test_three_stages_chain_by_checkpoint(dp2_run):
+    run_dir, proc = dp2_run
+    records = read_metrics(run_dir)
+    ends = {r["stage"]: r for r in records if "valid/code" in r and "loss" not in r}
+    starts = {}
+    for line in (run_dir / "report.md").read_text().splitlines():
+        if line.startswith("| base") or line.startswith("| long_context") or line.startswith("| anneal"):
+            starts[line.split("|")[1].strip()] = line
+    assert set(ends) == {"base", "long_context", "anneal"} == set(starts)
+    assert "Greedy sample" in proc.stdout
+    for stage in ("base", "long_context", "anneal"):
+        assert (run_dir / "checkpoints" / stage / "latest").exists()
+    # long_context starts from base's final weights: same eval data and model => same loss.
+    base_end = ends["base"]
+    lc_start = [float(x) for x in starts["long_context"].split("|")[5].split("->")[0].split()]
+    assert lc_start[0] == pytest.approx(base_end["valid/code"], rel=1e-6)
+    # Training worked: validation loss fell well below its start.
+    first = [float(starts["base"].split("|")[5].split("->")[0])]
+    assert ends["anneal"]["valid/code"] < first[0] - 1.0
+    # anneal continues from long_context's last LR and decays linearly to 0.
+    lc_lrs = [r["lr"] for r in records if r["stage"] == "long_context" and "lr" in r]
+    an_lrs = [r["lr"] for r in records if r["stage"] == "anneal" and "lr" in r]
+    assert an_lrs[0] == pytest.approx(lc_lrs[-1], rel=1e-9)
+    steps = len(an_lrs)
+    for i, lr in enumerate(an_lrs):
+        assert lr == pytest.approx(an_lrs[0] * (1 - i / steps), rel=1e-6)
+
+
+def test_dp2_equals_dp1_on_the_same_global_batch(dp2_run, tmp_path, data_cache):
+    dp2 = train_losses(read_metrics(dp2_run[0]), "base")
+    run_dir = tmp_path / "dp1"
+    run_train(overrides(run_dir, data_cache, "parallel=single", "parallel.micro_batch=1", "only_stage=base"), cwd=ROOT)
+    dp1 = train_losses(read_metrics(run_dir), "base")
+    assert sorted(dp1) == sorted(dp2) == list(range(1, 9))
+    for step in dp1:
+        assert dp1[step] == pytest.approx(dp2[step], rel=2e-6, abs=2e-6), step
+    assert dp1[8] < dp1[1] - 0.5
+
+
+def test_rerun_skips_completed_stages(dp2_run, data_cache):
+    run_dir, _ = dp2_run
+    before = len(read_metrics(run_dir))
+    proc = run_train(overrides(run_dir, data_cache), cwd=ROOT)
+    assert "Greedy sample" in proc.stdout
+    assert len(read_metrics(run_dir)) == before  # nothing trained again
+    assert proc.stderr.count("is complete") == 3
+
+
+def test_resume_after_kill_continues_with_identical_losses(dp2_run, tmp_path, data_cache):
+    reference = train_losses(read_metrics(dp2_run[0]), "base")
+    run_dir = tmp_path / "killed"
+    args = overrides(run_dir, data_cache, "only_stage=base", "recipe.stages.base.save_every_tokens=4096")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="disabled")
+    proc = subprocess.Popen([sys.executable, "-m", "train", *args], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = run_dir / "checkpoints" / "base" / "latest"
+    deadline = time.time() + 600
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher, torchrun and both ranks, mid-stage
+    proc.wait()
+    saved = int(latest.read_text().split("_")[1])
+    assert 0 < saved < 8, "the kill must land mid-stage"
+    resumed = run_train(args, cwd=ROOT)
+    assert f"resumed base at step {saved}" in resumed.stderr
+    losses = train_losses(read_metrics(run_dir), "base")
+    assert sorted(losses) == list(range(1, 9))
+    for step, loss in losses.items():
+        assert loss == reference[step] or math.isclose(loss, reference[step], rel_tol=1e-12), step
