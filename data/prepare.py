@@ -23,6 +23,7 @@ from data.dedup import ExactDedup
 from data.normalize import normalize
 from data.sources import Document, ReadStats, read_source
 from data.tokenizer import load_tokenizer, train_tokenizer
+from train.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,27 @@ def load_prepared(root: str) -> PreparedData:
         tokenizer_path=os.path.join(root, manifest["tokenizer"]["model"]),
         prefixes={name: os.path.join(root, s["prefix"]) for name, s in manifest["sources"].items()},
         manifest=manifest,
+    )
+
+
+def held_out_documents(num_docs: int, valid_percent: int) -> int:
+    """Documents megatron-core's split puts in the validation split: it ends the training split at
+    round(train fraction * documents) (BlendedMegatronDatasetBuilder._build_megatron_dataset_splits)."""
+    return num_docs - int(round((100 - valid_percent) / 100 * float(num_docs)))
+
+
+def _check_split(name: str, num_docs: int, valid_percent: int) -> None:
+    """An empty split would make megatron-core's GPTDataset loop forever counting epochs: refuse it here."""
+    held_out = held_out_documents(num_docs, valid_percent)
+    if 0 < held_out < num_docs:
+        return
+    need = next((p for p in range(1, 50) if 0 < held_out_documents(num_docs, p) < num_docs), None)
+    fix = f"use data.valid_percent={need} or more" if need else "give it at least 2 documents"
+    raise ConfigError(
+        "data.valid_percent",
+        valid_percent,
+        f"source {name!r} has {num_docs} documents after filtering, so the validation split holds out "
+        f"{held_out} of them; {fix}, or raise the source's max_docs/max_bytes",
     )
 
 
@@ -99,12 +121,27 @@ def prepare_data(data_cfg) -> PreparedData:
     if os.path.exists(os.path.join(root, MANIFEST)):
         log.info("data: cached at %s (config hash %s)", root, os.path.basename(root))
         return load_prepared(root)
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    start = time.time()
     tmp = f"{root}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.join(tmp, "docs"))
+    try:
+        _build(data_cfg, tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-built cache must never be found later
+        raise
+    try:
+        os.rename(tmp, root)
+    except OSError:  # another process finished first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("data: prepared at %s", root)
+    return load_prepared(root)
+
+
+def _build(data_cfg, tmp: str, root: str) -> None:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    start = time.time()
     dedup = ExactDedup()
     docs: dict[str, list[Document]] = {}
     sources: dict[str, dict] = {}
@@ -112,6 +149,7 @@ def prepare_data(data_cfg) -> PreparedData:
         docs[name], sources[name] = _collect(name, src, min_chars=data_cfg.min_chars, dedup=dedup)
         if not docs[name]:
             raise RuntimeError(f"data source {name!r} yielded no documents (counts: {sources[name]})")
+        _check_split(name, len(docs[name]), data_cfg.valid_percent)
         # Shuffled (seeded) so the validation split is a random sample, not the last files read.
         random.Random(data_cfg.seed).shuffle(docs[name])
         with open(os.path.join(tmp, "docs", f"{name}.jsonl"), "w") as f:
@@ -168,9 +206,4 @@ def prepare_data(data_cfg) -> PreparedData:
     }
     with open(os.path.join(tmp, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2)
-    try:
-        os.rename(tmp, root)
-    except OSError:  # another process finished first: keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("data: prepared in %.1f s at %s", time.time() - start, root)
-    return load_prepared(root)
+    log.info("data: built in %.1f s", manifest["seconds"])

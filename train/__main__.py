@@ -63,16 +63,23 @@ def main(dcfg: DictConfig) -> None:
                 "launch them through Slurm or set nnodes=1",
             )
     except ConfigError as e:
-        print(f"kiln: invalid config: {e}", file=sys.stderr)
-        sys.exit(2)
-    if _under_torchrun() or cfg.parallel.world_size == 1:
-        from train.run import run
+        _refuse(e, "config")
+    try:
+        if _under_torchrun() or cfg.parallel.world_size == 1:
+            from train.run import run
 
-        run(cfg)
-        return
-    code = launch(cfg, list(HydraConfig.get().overrides.task))
+            run(cfg)
+            return
+        code = launch(cfg, list(HydraConfig.get().overrides.task))
+    except ConfigError as e:  # found while preparing the data, before any training starts
+        _refuse(e, "data")
     if code:
         sys.exit(code)
+
+
+def _refuse(error: ConfigError, what: str) -> None:
+    print(f"kiln: invalid {what}: {error}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

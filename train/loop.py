@@ -96,6 +96,10 @@ def _fwd_bwd(run: Run, ddp, micro: list[dict], *, seq_length: int, forward_only:
     return _dp_mean([entry["lm loss"] for entry in losses])
 
 
+def _valid_record(losses: dict[str, float]) -> dict[str, float]:
+    return {f"valid/{k}": v for k, v in losses.items()}
+
+
 def evaluate(run: Run, ddp, datasets: dict, stage: StageConfig) -> dict[str, float]:
     """Held-out loss per source, over `stage.eval_tokens` tokens (split over data-parallel ranks)."""
     from megatron.core import parallel_state
@@ -195,7 +199,12 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         )
         log.info("resumed %s at step %d (%d tokens) from %s", name, result.step, result.tokens, resume)
     elif init_path is not None:
+        # Keep the previous stage's Adam moments when asked, never its schedule: its param groups carry
+        # their own max_lr/min_lr, which megatron-core's scheduler would go on using.
+        schedule = [{k: g[k] for k in ("lr", "max_lr", "min_lr") if k in g} for g in optimizer.param_groups]
         checkpoint.load(init_path, model=ddp.module, optimizer=optimizer if stage.keep_optimizer else None)
+        for group, own in zip(optimizer.param_groups, schedule, strict=True):
+            group.update(own)
         log.info("initialized %s from %s (peak LR %.3g)", name, init_path, peak_lr)
 
     steps = stage.steps
@@ -218,6 +227,7 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
     )
     if result.step == 0:
         result.valid_start = evaluate(run, ddp, valid_ds, stage)
+        run.sinks.write({"stage": name, "step": 0, "tokens": 0, **_valid_record(result.valid_start)})
         log.info("%s validation loss at start: %s", name, _fmt(result.valid_start))
 
     rank0 = dist.get_rank() == 0
@@ -258,7 +268,7 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         is_log = result.step % cfg.logging.log_every_steps == 0 or result.step == steps
         is_eval = bool(eval_every) and result.step % eval_every == 0 and result.step != steps
         if is_eval:
-            record.update({f"valid/{k}": v for k, v in evaluate(run, ddp, valid_ds, stage).items()})
+            record.update(_valid_record(evaluate(run, ddp, valid_ds, stage)))
         if is_log or is_eval:
             elapsed = time.time() - window_start
             record["tokens_per_s"] = window_tokens / elapsed
@@ -285,7 +295,7 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
             "stage": name,
             "step": result.step,
             "tokens": result.tokens,
-            **{f"valid/{k}": v for k, v in result.valid_end.items()},
+            **_valid_record(result.valid_end),
         }
     )
     log.info(

@@ -32,8 +32,15 @@ def test_overrides_are_validated():
 
 
 def _tiny():
-    return resolve_arch("llama3", "tiny", num_layers=2, hidden_size=64, num_attention_heads=4, num_kv_heads=2,
-                        ffn_hidden_size=160)
+    return resolve_arch(
+        "llama3",
+        "tiny",
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        ffn_hidden_size=160,
+    )
 
 
 def test_forward_backward_shapes_and_param_count(megatron_world1):
@@ -50,7 +57,9 @@ def test_forward_backward_shapes_and_param_count(megatron_world1):
     assert logits.shape == (3, 32, V)
     losses = model(tokens, pos, None, labels=tokens)
     assert losses.shape == (3, 32)
-    ref = torch.nn.functional.cross_entropy(logits.float().reshape(-1, V), tokens.reshape(-1), reduction="none")
+    ref = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, V), tokens.reshape(-1), reduction="none"
+    )
     torch.testing.assert_close(losses.reshape(-1), ref, rtol=1e-5, atol=1e-5)
     losses.mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())

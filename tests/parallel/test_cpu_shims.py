@@ -25,8 +25,17 @@ def test_ddp_distributed_optimizer_step_on_cpu(megatron_world1):
     arch = resolve_arch("llama3", "tiny", num_layers=1, hidden_size=64, num_attention_heads=4, num_kv_heads=2)
     ddp = engine.wrap_ddp(build_model(arch, vocab_size=256, max_seq_length=16), layout)
     engine.configure_schedule_hooks(ddp)
-    opt = engine.build_optimizer(ddp, layout=layout, lr=1e-2, min_lr=0.0, weight_decay=0.0, betas=(0.9, 0.95),
-                                 eps=1e-8, clip_grad=1.0, bf16=False)
+    opt = engine.build_optimizer(
+        ddp,
+        layout=layout,
+        lr=1e-2,
+        min_lr=0.0,
+        weight_decay=0.0,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        clip_grad=1.0,
+        bf16=False,
+    )
     tokens = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
 
     def step(forward_only):
@@ -37,9 +46,15 @@ def test_ddp_distributed_optimizer_step_on_cpu(megatron_world1):
 
         ddp.zero_grad_buffer()
         opt.zero_grad()
-        res = get_forward_backward_func()(forward_step_func=fwd, data_iterator=iter([tokens]), model=[ddp],
-                                          num_microbatches=1, seq_length=16, micro_batch_size=2,
-                                          forward_only=forward_only)
+        res = get_forward_backward_func()(
+            forward_step_func=fwd,
+            data_iterator=iter([tokens]),
+            model=[ddp],
+            num_microbatches=1,
+            seq_length=16,
+            micro_batch_size=2,
+            forward_only=forward_only,
+        )
         return res[0]["loss"].item()
 
     before = step(False)

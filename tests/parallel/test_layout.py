@@ -17,8 +17,14 @@ def test_dp_is_inferred():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"nproc_per_node": 4, "tp": 3}, "parallel.tp=3: tp*pp=3 must divide the world size 4; try tp=2 or tp=4"),
-        ({"nproc_per_node": 4, "tp": 2, "dp": 4}, "parallel.dp=4: dp*tp*pp must equal the world size 4; use dp=2"),
+        (
+            {"nproc_per_node": 4, "tp": 3},
+            "parallel.tp=3: tp*pp=3 must divide the world size 4; try tp=2 or tp=4",
+        ),
+        (
+            {"nproc_per_node": 4, "tp": 2, "dp": 4},
+            "parallel.dp=4: dp*tp*pp must equal the world size 4; use dp=2",
+        ),
         ({"sp": True}, "parallel.sp=True: sequence parallelism needs parallel.tp > 1"),
         ({"engine": "fsdp"}, "parallel.engine='fsdp': choose one of megatron"),
         ({"micro_batch": 0}, "parallel.micro_batch=0: must be >= 1"),

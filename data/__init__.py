@@ -1,0 +1,1 @@
+"""Data: sources -> normalize -> exact dedup -> sentencepiece tokenizer -> Megatron .bin/.idx -> blended datasets."""

@@ -1,0 +1,1 @@
+"""Model families built as megatron-core `GPTModel`s; sizes are code (`models/llama.py`)."""
