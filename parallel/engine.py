@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -26,25 +25,20 @@ def pick_device(requested: str) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(device: torch.device) -> None:
     """Join the process group torchrun describes (env://), or a world of one when run without torchrun."""
     if dist.is_initialized():
         return
-    if "WORLD_SIZE" not in os.environ:
-        os.environ.update(
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
-        )
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(minutes=30)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30)
-    )
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        # A world of one on an in-process store: no port to take, and no torchrun variables left in
+        # os.environ for child processes to mistake for their own.
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
 def init_model_parallel(layout: ParallelLayout, *, seed: int, device: torch.device) -> None:
