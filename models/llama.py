@@ -45,6 +45,8 @@ SIZES: dict[str, dict[str, LlamaArch]] = {
         "tiny": LlamaArch(4, 256, 8, 2, llama_ffn_size(256, multiple_of=64), rope_theta=10_000.0),
         # Dubey et al. 2024, Table 3.
         "8B": LlamaArch(32, 4096, 32, 8, llama_ffn_size(4096, multiplier=1.3, multiple_of=1024)),
+        "70B": LlamaArch(80, 8192, 64, 8, llama_ffn_size(8192, multiplier=1.3, multiple_of=4096)),
+        "405B": LlamaArch(126, 16384, 128, 8, llama_ffn_size(16384, multiplier=1.2, multiple_of=4096)),
     }
 }
 
