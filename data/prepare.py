@@ -148,7 +148,11 @@ def _build(data_cfg, tmp: str, root: str) -> None:
     for name, src in data_cfg.sources.items():
         docs[name], sources[name] = _collect(name, src, min_chars=data_cfg.min_chars, dedup=dedup)
         if not docs[name]:
-            raise RuntimeError(f"data source {name!r} yielded no documents (counts: {sources[name]})")
+            raise ConfigError(
+                f"data.sources.{name}",
+                src.kind,
+                f"kept no documents (counts: {sources[name]}); check its paths and data.min_chars",
+            )
         _check_split(name, len(docs[name]), data_cfg.valid_percent)
         # Shuffled (seeded) so the validation split is a random sample, not the last files read.
         random.Random(data_cfg.seed).shuffle(docs[name])

@@ -75,6 +75,19 @@ def test_a_source_too_small_for_a_validation_split_is_refused(tmp_path):
     assert list((tmp_path / "cache").iterdir()) == []  # nothing half-built left behind
 
 
+def test_a_source_with_no_usable_documents_is_refused_with_its_counts(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "short"}\nnot json\n')
+    cfg = DataConfig(
+        sources={"tiny": SourceConfig(kind="files", paths=[str(tmp_path / "*.jsonl")])},
+        cache_dir=str(tmp_path / "cache"),
+    )
+    with pytest.raises(
+        ConfigError, match=r"data.sources.tiny='files': kept no documents .*'too_short': 1.*'bad json': 1"
+    ):
+        prepare_data(cfg)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
 def small_data(cache_dir: str, **tok) -> DataConfig:
     return DataConfig(
         sources={
