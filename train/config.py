@@ -222,6 +222,59 @@ class LoggingConfig:
             raise ConfigError("logging.log_every_steps", self.log_every_steps, "must be >= 1")
 
 
+# -------------------------------------------------------------------------------------------- cluster
+@dataclass
+class SlurmOptions:
+    """What `python -m slurm` puts in the sbatch header and before `srun` (slurm/ renders it)."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = "04:00:00"
+    """Wall-clock limit per job (HH:MM:SS or D-HH:MM:SS); preemption/time-limit handling requeues the job."""
+    constraint: str | None = None
+    exclusive: bool = True
+    mem: str | None = None
+    """Memory per node as sbatch takes it ("0" = all of it); null leaves Slurm's default."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run before srun (module load, venv or conda activation)."""
+    container_image: str | None = None
+    """Run inside this container image (pyxis `--container-image`) when set."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment exported in the job (NCCL settings, timeouts)."""
+    max_restarts: int = 10
+    """Requeues after preemption or time limit before the job gives up."""
+
+
+@dataclass
+class ClusterConfig:
+    """The machines a run goes on: what the planner sizes against and what the Slurm launcher renders."""
+
+    name: str = "local"
+    gpu: str = "cpu"
+    """Accelerator kind, a key of the planner's device table (cpu, h100_sxm, h200, a100)."""
+    gpus_per_node: int = 2
+    """Accelerators per node (processes per node on CPU)."""
+    max_nodes: int = 1
+    """Nodes the planner may use."""
+    intra_node_gbps: float = 0.0
+    """Unidirectional bandwidth per GPU inside a node in GB/s (NVLink 4: 450); 0 = unknown."""
+    inter_node_gbps: float = 0.0
+    """Unidirectional network bandwidth per GPU between nodes in GB/s (NDR InfiniBand 400 Gb/s: 50)."""
+    slurm: SlurmOptions = field(default_factory=SlurmOptions)
+
+    def __post_init__(self) -> None:
+        if self.gpus_per_node < 1:
+            raise ConfigError("cluster.gpus_per_node", self.gpus_per_node, "must be >= 1")
+        if self.max_nodes < 1:
+            raise ConfigError("cluster.max_nodes", self.max_nodes, "must be >= 1")
+        for key in ("intra_node_gbps", "inter_node_gbps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"cluster.{key}", getattr(self, key), "must be >= 0 (0 = unknown)")
+        if self.slurm.max_restarts < 0:
+            raise ConfigError("cluster.slurm.max_restarts", self.slurm.max_restarts, "must be >= 0")
+
+
 # ----------------------------------------------------------------------------------------------- root
 @dataclass
 class TrainConfig:
@@ -230,6 +283,7 @@ class TrainConfig:
     parallel: ParallelLayout = MISSING
     recipe: RecipeConfig = MISSING
     logging: LoggingConfig = MISSING
+    cluster: ClusterConfig = MISSING
     experiment: str = "kiln"
     """Run directory is runs/<experiment>/<name>."""
     name: str = "${recipe.name}"

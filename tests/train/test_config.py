@@ -27,7 +27,7 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (ROOT / "configs" / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize("group", ["data", "model", "parallel", "recipe", "logging"])
+@pytest.mark.parametrize("group", ["data", "model", "parallel", "recipe", "logging", "cluster"])
 def test_every_shipped_option_composes_and_validates(group):
     for option in options(group):
         cfg = to_config(compose_cfg([f"{group}={option}"]))
