@@ -16,9 +16,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from models.llama import LlamaArch, resolve_arch
 from parallel.layout import ParallelLayout
 from train.errors import ConfigError
+from train.schedule import SCHEDULES, WSD_DECAY_STYLES
 
 SOURCE_KINDS = ("python_stdlib", "package_docs", "files")
-SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -125,7 +125,11 @@ class StageConfig:
     warmup_tokens: int = 0
     """Linear warm-up length in tokens."""
     schedule: str = "cosine"
-    """Decay after warm-up: cosine, linear or constant."""
+    """After warm-up: cosine, linear, constant, or wsd (stable at the peak, then a final decay; train/schedule.py)."""
+    decay_tokens: int = 0
+    """schedule=wsd: tokens of the final decay to min_lr (about 20% of the stage is the usual choice)."""
+    decay_style: str = "1-sqrt"
+    """schedule=wsd: shape of the final decay: linear, cosine or 1-sqrt."""
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -165,6 +169,23 @@ class StageConfig:
             )
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"{key}.schedule", self.schedule, f"choose one of {', '.join(SCHEDULES)}")
+        if not 0 <= self.warmup_tokens < self.tokens:
+            raise ConfigError(
+                f"{key}.warmup_tokens", self.warmup_tokens, f"must be in [0, tokens={self.tokens})"
+            )
+        if self.schedule == "wsd":
+            if self.decay_style not in WSD_DECAY_STYLES:
+                raise ConfigError(
+                    f"{key}.decay_style", self.decay_style, f"choose one of {', '.join(WSD_DECAY_STYLES)}"
+                )
+            room = self.tokens - self.warmup_tokens
+            if not 0 < self.decay_tokens <= room:
+                raise ConfigError(
+                    f"{key}.decay_tokens",
+                    self.decay_tokens,
+                    f"schedule=wsd needs a decay in (0, tokens - warmup_tokens = {room}]; "
+                    f"e.g. {max(1, room // 5)} (20% of the stage)",
+                )
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(
                 f"{key}.lr", self.lr, "must be > 0, or null to continue from the checkpoint's LR"

@@ -17,6 +17,7 @@ from parallel import engine
 from train import checkpoint
 from train.config import StageConfig, TrainConfig
 from train.logs import MetricSinks, Progress, set_stage
+from train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -123,25 +124,6 @@ def evaluate(run: Run, ddp, datasets: dict, stage: StageConfig) -> dict[str, flo
     return out
 
 
-def _scheduler(optimizer, stage: StageConfig, peak_lr: float):
-    """LR and weight decay schedule counted in tokens: the scheduler's 'steps' are tokens (CONVENTIONS 7)."""
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    return OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=peak_lr,
-        min_lr=min(stage.min_lr, peak_lr),
-        lr_warmup_steps=stage.warmup_tokens,
-        lr_decay_steps=stage.tokens,
-        lr_decay_style=stage.schedule,
-        start_wd=stage.weight_decay,
-        end_wd=stage.weight_decay,
-        wd_incr_steps=stage.tokens,
-        wd_incr_style="constant",
-    )
-
-
 def _current_lr(optimizer) -> float:
     return optimizer.param_groups[0]["lr"]
 
@@ -190,7 +172,17 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         clip_grad=stage.clip_grad,
         bf16=dtype == torch.bfloat16,
     )
-    scheduler = _scheduler(optimizer, stage, peak_lr)
+    scheduler = build_scheduler(
+        optimizer,
+        peak_lr=peak_lr,
+        min_lr=stage.min_lr,
+        tokens=stage.tokens,
+        warmup_tokens=stage.warmup_tokens,
+        schedule=stage.schedule,
+        decay_tokens=stage.decay_tokens,
+        decay_style=stage.decay_style,
+        weight_decay=stage.weight_decay,
+    )
 
     result = StageResult(stage=name, step=0, tokens=0, final=False, peak_lr=peak_lr, lr=peak_lr)
     if resume is not None:

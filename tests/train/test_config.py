@@ -75,7 +75,22 @@ def test_default_config_values():
             "recipe.stages.long_context.init_from",
             "earlier stage",
         ),
-        (["recipe.stages.base.schedule=wsdx"], "recipe.stages.base.schedule", "cosine, linear, constant"),
+        (
+            ["recipe.stages.base.schedule=wsdx"],
+            "recipe.stages.base.schedule",
+            "cosine, linear, constant, wsd",
+        ),
+        (["recipe.stages.base.schedule=wsd"], "recipe.stages.base.decay_tokens", "20% of the stage"),
+        (
+            [
+                "recipe.stages.base.schedule=wsd",
+                "recipe.stages.base.decay_tokens=1000",
+                "recipe.stages.base.decay_style=sqrt",
+            ],
+            "recipe.stages.base.decay_style",
+            "1-sqrt",
+        ),
+        (["recipe.stages.base.warmup_tokens=-1"], "recipe.stages.base.warmup_tokens", "must be in [0"),
         (["logging.wandb.mode=sometimes"], "logging.wandb.mode", "offline, online, disabled"),
         (["only_stage=warmup"], "only_stage", "base, long_context, anneal"),
     ],
