@@ -1,20 +1,28 @@
 """Checkpoints with megatron.core.dist_checkpointing: model, optimizer, LR schedule and the loop state
 (step, tokens seen, the LR, RNG). Layout:
 
-    <run_dir>/checkpoints/<stage>/step_000120/    one complete checkpoint (renamed into place when written)
-    <run_dir>/checkpoints/<stage>/latest          the name of the newest complete checkpoint
-    <run_dir>/checkpoints/<stage>/step_*/kiln.json  the loop state, readable without torch
+    <run_dir>/checkpoints/<stage>/step_000120/            one complete checkpoint
+    <run_dir>/checkpoints/<stage>/step_000120/kiln.json   the loop state, readable without torch
+    <run_dir>/checkpoints/<stage>/step_000120/COMPLETE     size and sha256 of every file, written last
+    <run_dir>/checkpoints/<stage>/latest                  the name of the newest complete checkpoint
 
-A checkpoint is written to `step_N.tmp` and renamed only after every rank finished, so `latest` never
-points at a partial one; a stage is done when its latest checkpoint says `"final": true`.
+Atomic save: every rank writes into `step_N.tmp`; the files are fsynced and hashed (the hashing is spread over
+the ranks), rank 0 writes `COMPLETE` and renames the directory into place, then moves `latest`. A save killed at
+any point leaves either the previous checkpoints untouched or a `.tmp` directory that is never read (and is
+removed by the next save). `latest()` checks the checkpoint it returns against its COMPLETE record and falls back
+to the newest one that passes, naming what was wrong, so a truncated shard or a lost `latest` costs only the
+work since the previous checkpoint. A stage is done when its latest checkpoint says `"final": true`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -23,20 +31,35 @@ log = logging.getLogger(__name__)
 
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}  # reshardable across DP/TP sizes
 STATE_FILE = "kiln.json"
+COMPLETE_FILE = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class CheckpointConfig:
+    """Retention and verification of checkpoints (the `checkpoint` key of the run config)."""
+
+    keep_last: int = 3
+    """Complete checkpoints kept per stage, newest first; a stage's final checkpoint is always kept."""
+    keep_every_tokens: int = 0
+    """Also keep checkpoints whose token count is a multiple of this (0: none), e.g. for later evaluation."""
+    full_verify: bool = False
+    """Check every file's sha256 against the COMPLETE record before loading (reads the whole checkpoint);
+    off, only the files' presence and sizes are checked."""
+
+    def __post_init__(self) -> None:
+        from train.errors import ConfigError
+
+        if self.keep_last < 1:
+            raise ConfigError("checkpoint.keep_last", self.keep_last, "must be >= 1 (the resume point)")
+        if self.keep_every_tokens < 0:
+            raise ConfigError(
+                "checkpoint.keep_every_tokens", self.keep_every_tokens, "must be >= 0 (0: none)"
+            )
 
 
 def stage_dir(run_dir: str, stage: str) -> str:
     return os.path.join(run_dir, "checkpoints", stage)
-
-
-def latest(directory: str) -> str | None:
-    """The newest complete checkpoint in a stage directory, or None."""
-    pointer = os.path.join(directory, "latest")
-    if not os.path.exists(pointer):
-        return None
-    with open(pointer) as f:
-        path = os.path.join(directory, f.read().strip())
-    return path if os.path.exists(os.path.join(path, STATE_FILE)) else None
 
 
 def path_for(directory: str, step: int) -> str:
@@ -48,14 +71,144 @@ def read_state(path: str) -> dict:
         return json.load(f)
 
 
-def save(directory: str, *, model, optimizer, scheduler, state: dict) -> str:
+# ----------------------------------------------------------------------------------- files and hashes
+def _files(root: str) -> list[str]:
+    """Every file under `root` except the COMPLETE record, as sorted relative paths."""
+    out = []
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            if rel != COMPLETE_FILE:
+                out.append(rel)
+    return sorted(out)
+
+
+def _sha256(path: str, *, fsync: bool = False) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+        if fsync:
+            os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+def hash_files(root: str, names: list[str], *, fsync: bool = False) -> dict[str, list]:
+    """{relative path: [size, sha256]} for `names` under `root` (fsynced first when asked)."""
+    return {
+        n: [os.path.getsize(os.path.join(root, n)), _sha256(os.path.join(root, n), fsync=fsync)]
+        for n in names
+    }
+
+
+def write_complete(root: str, files: dict[str, list]) -> None:
+    """The COMPLETE record: every file's size and hash, and one digest over all of them."""
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    _write_synced(os.path.join(root, COMPLETE_FILE), json.dumps({"digest": digest, "files": files}, indent=1))
+
+
+def verify(path: str, *, full: bool = False) -> str | None:
+    """None when `path` is a complete checkpoint, else what is wrong with it. Sizes always; with `full`, every
+    file's sha256 too (reads the whole checkpoint)."""
+    marker = os.path.join(path, COMPLETE_FILE)
+    if not os.path.isfile(marker):
+        return f"{path}: no {COMPLETE_FILE} record (the save did not finish)"
+    try:
+        with open(marker) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"{marker}: unreadable ({e})"
+    on_disk = set(_files(path))
+    missing = sorted(set(files) - on_disk)
+    if missing:
+        return f"{path}: {len(missing)} file(s) missing, e.g. {missing[0]}"
+    for name, (size, sha) in files.items():
+        actual = os.path.getsize(os.path.join(path, name))
+        if actual != size:
+            return f"{path}/{name}: {actual} bytes, {size} when saved (truncated or overwritten)"
+        if full and _sha256(os.path.join(path, name)) != sha:
+            return f"{path}/{name}: content differs from its sha256 when saved (corrupted)"
+    return None
+
+
+def _write_synced(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _complete_steps(directory: str) -> list[str]:
+    """Checkpoint directories of a stage, newest first (not checked)."""
+    if not os.path.isdir(directory):
+        return []
+    names = [n for n in os.listdir(directory) if _STEP_DIR.match(n)]
+    return [os.path.join(directory, n) for n in sorted(names, reverse=True)]
+
+
+def latest(directory: str) -> str | None:
+    """The newest complete checkpoint of a stage, or None. Follows `latest` when it points at a checkpoint that
+    passes `verify`; otherwise warns with the reason and takes the newest checkpoint that does."""
+    pointer = os.path.join(directory, "latest")
+    if os.path.exists(pointer):
+        with open(pointer) as f:
+            path = os.path.join(directory, f.read().strip())
+        problem = verify(path)
+        if problem is None:
+            return path
+        log.warning("checkpoint 'latest' is not usable: %s; looking for an earlier complete one", problem)
+    elif _complete_steps(directory):
+        log.warning("%s: no 'latest' pointer; looking for the newest complete checkpoint", directory)
+    for path in _complete_steps(directory):
+        problem = verify(path)
+        if problem is None:
+            log.warning("using %s", path)
+            return path
+        log.warning("skipping %s", problem)
+    return None
+
+
+def prune(directory: str, retention: CheckpointConfig, *, keep: str) -> list[str]:
+    """Delete complete checkpoints the retention policy does not keep (never `keep`, the newest K, the final
+    ones, or multiples of keep_every_tokens) and stale `.tmp` directories of killed saves. Returns deleted paths."""
+    complete = [p for p in _complete_steps(directory) if verify(p) is None]
+    kept = set(complete[: retention.keep_last]) | {keep}
+    for p in complete:
+        state = read_state(p)
+        every = retention.keep_every_tokens
+        if state.get("final") or (every and state["tokens"] % every == 0):
+            kept.add(p)
+    doomed = [p for p in complete if p not in kept]
+    doomed += [
+        os.path.join(directory, n)
+        for n in os.listdir(directory)
+        if n.endswith(".tmp") and os.path.isdir(os.path.join(directory, n))
+    ]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
+# ------------------------------------------------------------------------------------------ save/load
+def save(
+    directory: str, *, model, optimizer, scheduler, state: dict, retention: CheckpointConfig | None = None
+) -> str:
     """Save on all ranks; returns the checkpoint path. `model` is the bare GPTModel (DDP's `.module`),
     `state` the JSON-able loop state."""
     from megatron.core import dist_checkpointing
 
     path = path_for(directory, state["step"])
     tmp = path + ".tmp"
-    if dist.get_rank() == 0:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
@@ -67,24 +220,37 @@ def save(directory: str, *, model, optimizer, scheduler, state: dict) -> str:
         "rng": torch.get_rng_state(),
     }
     dist_checkpointing.save(sharded, tmp)
+    if rank == 0:
+        _write_synced(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=2))
     dist.barrier()
-    if dist.get_rank() == 0:
-        with open(os.path.join(tmp, STATE_FILE), "w") as f:
-            json.dump(state, f, indent=2)
+    # fsync and hash the files, each rank a share of them; rank 0 records them all.
+    names = _files(tmp)
+    mine = hash_files(tmp, names[rank::world], fsync=True)
+    shares: list = [None] * world
+    dist.all_gather_object(shares, mine)
+    if rank == 0:
+        write_complete(tmp, {k: v for share in shares for k, v in share.items()})
         shutil.rmtree(path, ignore_errors=True)
         os.rename(tmp, path)
-        with open(os.path.join(directory, "latest.tmp"), "w") as f:
-            f.write(os.path.basename(path))
+        _fsync_dir(directory)
+        _write_synced(os.path.join(directory, "latest.tmp"), os.path.basename(path))
         os.replace(os.path.join(directory, "latest.tmp"), os.path.join(directory, "latest"))
+        _fsync_dir(directory)
+        for gone in prune(directory, retention or CheckpointConfig(), keep=path):
+            log.info("retention: removed %s", gone)
     dist.barrier()
     log.info("saved checkpoint %s", path)
     return path
 
 
-def load(path: str, *, model, optimizer=None, scheduler=None) -> dict:
-    """Load weights (and, when given, optimizer and schedule state) from `path`; returns its loop state."""
+def load(path: str, *, model, optimizer=None, scheduler=None, full_verify: bool = False) -> dict:
+    """Load weights (and, when given, optimizer and schedule state) from `path`; returns its loop state.
+    Refuses a checkpoint that fails `verify` (with `full_verify`, every file's hash is checked)."""
     from megatron.core import dist_checkpointing
 
+    problem = verify(path, full=full_verify)
+    if problem is not None:
+        raise RuntimeError(f"refusing to load a broken checkpoint: {problem}")
     model_sd = model.sharded_state_dict()
     sharded: dict = {"model": model_sd}
     if optimizer is not None:

@@ -15,6 +15,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from models.llama import LlamaArch, resolve_arch
 from parallel.layout import ParallelLayout
+from train.checkpoint import CheckpointConfig
 from train.errors import ConfigError
 from train.schedule import SCHEDULES, WSD_DECAY_STYLES
 
@@ -305,6 +306,8 @@ class TrainConfig:
     recipe: RecipeConfig = MISSING
     logging: LoggingConfig = MISSING
     cluster: ClusterConfig = MISSING
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Retention (keep last K, every M tokens) and verification of checkpoints (train/checkpoint.py)."""
     experiment: str = "kiln"
     """Run directory is runs/<experiment>/<name>."""
     name: str = "${recipe.name}"

@@ -187,7 +187,13 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
     result = StageResult(stage=name, step=0, tokens=0, final=False, peak_lr=peak_lr, lr=peak_lr)
     if resume is not None:
         result = StageResult(
-            **checkpoint.load(resume, model=ddp.module, optimizer=optimizer, scheduler=scheduler)
+            **checkpoint.load(
+                resume,
+                model=ddp.module,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                full_verify=cfg.checkpoint.full_verify,
+            )
         )
         log.info("resumed %s at step %d (%d tokens) from %s", name, result.step, result.tokens, resume)
     elif init_path is not None:
@@ -278,7 +284,12 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         if save_every and result.step % save_every == 0 and result.step != steps:
             result.checkpoint = checkpoint.path_for(directory, result.step)
             checkpoint.save(
-                directory, model=ddp.module, optimizer=optimizer, scheduler=scheduler, state=vars(result)
+                directory,
+                model=ddp.module,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                state=vars(result),
+                retention=cfg.checkpoint,
             )
     progress.close()
     result.valid_end = evaluate(run, ddp, valid_ds, stage)
@@ -299,7 +310,14 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
     )
     result.final = True
     result.checkpoint = checkpoint.path_for(directory, result.step)
-    checkpoint.save(directory, model=ddp.module, optimizer=optimizer, scheduler=scheduler, state=vars(result))
+    checkpoint.save(
+        directory,
+        model=ddp.module,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        state=vars(result),
+        retention=cfg.checkpoint,
+    )
     return result
 
 
