@@ -176,10 +176,15 @@ def latest(directory: str) -> str | None:
     return None
 
 
+def complete_checkpoints(directory: str) -> list[str]:
+    """The stage's checkpoints that pass `verify`, oldest first."""
+    return [p for p in reversed(_complete_steps(directory)) if verify(p) is None]
+
+
 def prune(directory: str, retention: CheckpointConfig, *, keep: str) -> list[str]:
     """Delete complete checkpoints the retention policy does not keep (never `keep`, the newest K, the final
     ones, or multiples of keep_every_tokens) and stale `.tmp` directories of killed saves. Returns deleted paths."""
-    complete = [p for p in _complete_steps(directory) if verify(p) is None]
+    complete = complete_checkpoints(directory)[::-1]  # newest first
     kept = set(complete[: retention.keep_last]) | {keep}
     for p in complete:
         state = read_state(p)
