@@ -22,7 +22,7 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}  # reshardable across DP/TP sizes
 STATE_FILE = "kiln.json"
+CONFIG_FILE = "config.json"
 COMPLETE_FILE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -56,6 +57,96 @@ class CheckpointConfig:
             raise ConfigError(
                 "checkpoint.keep_every_tokens", self.keep_every_tokens, "must be >= 0 (0: none)"
             )
+
+
+@dataclass
+class ResumeConfig:
+    """What a resumed run may change on purpose (the `resume` key of the run config)."""
+
+    allow_config_change: list[str] = field(default_factory=list)
+    """Config keys (or prefixes, e.g. `recipe.stages.base.lr`, `data.sources`) a resume may change although
+    the run then no longer repeats the uninterrupted one exactly. Shape-changing model keys never can."""
+
+
+# Keys of the run record that decide what a resumed stage computes; everything else (layout, logging,
+# checkpoint retention, cluster) may change freely: the layout is resharded on load.
+RESUME_KEYS = ("arch", "data", "recipe.stages.{stage}", "seed")
+# Arch fields that change tensor shapes: a checkpoint cannot load into a model that differs in one.
+SHAPE_KEYS = (
+    "arch.num_layers",
+    "arch.hidden_size",
+    "arch.num_attention_heads",
+    "arch.num_kv_heads",
+    "arch.ffn_hidden_size",
+    "arch.head_dim",
+    "arch.tie_embeddings",
+    "data.tokenizer.vocab_size",
+)
+
+
+def resume_record(cfg, stage: str) -> dict:
+    """The flat {key: value} of what a checkpoint of `stage` was computed with (see RESUME_KEYS)."""
+    import dataclasses
+
+    tree = {
+        "arch": dataclasses.asdict(cfg.model.arch()),
+        "data": dataclasses.asdict(cfg.data),
+        "seed": cfg.seed,
+    }
+    tree["recipe.stages." + stage] = dataclasses.asdict(cfg.recipe.stages[stage])
+    flat: dict = {}
+
+    def walk(prefix: str, node) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = node
+
+    walk("", tree)
+    return flat
+
+
+def check_resume(path: str, current: dict, *, allow: list[str]) -> None:
+    """Refuse to resume from `path` when the run config changed since it was saved in a way that breaks an
+    exact resume, naming every changed key; keys under an `allow` prefix pass (with a warning)."""
+    from train.errors import ConfigError
+
+    record = os.path.join(path, CONFIG_FILE)
+    if not os.path.exists(record):
+        return  # a checkpoint from before the record existed, or a foreign directory
+    with open(record) as f:
+        saved = json.load(f)
+    current = json.loads(json.dumps(current, default=str))  # compare as saved (tuples are lists in JSON)
+    changed = sorted(
+        k for k in set(saved) | set(current) if saved.get(k, "<absent>") != current.get(k, "<absent>")
+    )
+
+    def allowed(key: str) -> bool:
+        return any(key == a or key.startswith(a + ".") for a in allow)
+
+    shapes = [k for k in changed if k in SHAPE_KEYS]
+    if shapes:
+        diff = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in shapes)
+        raise ConfigError(
+            "resume",
+            path,
+            f"the checkpoint has another architecture ({diff}); these cannot be allowed: "
+            "start a new run, or a new stage with init_from",
+        )
+    refused = [k for k in changed if not allowed(k)]
+    if refused:
+        diff = "; ".join(
+            f"{k}: {saved.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}" for k in refused
+        )
+        raise ConfigError(
+            "resume",
+            path,
+            f"the config changed since this checkpoint was saved ({diff}), so the resumed run would not repeat "
+            f"the original; undo the change, or allow it: resume.allow_config_change=[{','.join(refused)}]",
+        )
+    for key in changed:
+        log.warning("resume: %s changed %r -> %r (allowed)", key, saved.get(key), current.get(key))
 
 
 def stage_dir(run_dir: str, stage: str) -> str:
@@ -204,10 +295,17 @@ def prune(directory: str, retention: CheckpointConfig, *, keep: str) -> list[str
 
 # ------------------------------------------------------------------------------------------ save/load
 def save(
-    directory: str, *, model, optimizer, scheduler, state: dict, retention: CheckpointConfig | None = None
+    directory: str,
+    *,
+    model,
+    optimizer,
+    scheduler,
+    state: dict,
+    retention: CheckpointConfig | None = None,
+    record: dict | None = None,
 ) -> str:
     """Save on all ranks; returns the checkpoint path. `model` is the bare GPTModel (DDP's `.module`),
-    `state` the JSON-able loop state."""
+    `state` the JSON-able loop state, `record` the `resume_record` of the config it was computed with."""
     from megatron.core import dist_checkpointing
 
     path = path_for(directory, state["step"])
@@ -227,6 +325,8 @@ def save(
     dist_checkpointing.save(sharded, tmp)
     if rank == 0:
         _write_synced(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=2))
+        if record is not None:
+            _write_synced(os.path.join(tmp, CONFIG_FILE), json.dumps(record, indent=1, default=str))
     dist.barrier()
     # fsync and hash the files, each rank a share of them; rank 0 records them all.
     names = _files(tmp)

@@ -15,7 +15,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from models.llama import LlamaArch, resolve_arch
 from parallel.layout import ParallelLayout
-from train.checkpoint import CheckpointConfig
+from train.checkpoint import CheckpointConfig, ResumeConfig
 from train.errors import ConfigError
 from train.schedule import SCHEDULES, WSD_DECAY_STYLES
 
@@ -308,6 +308,8 @@ class TrainConfig:
     cluster: ClusterConfig = MISSING
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Retention (keep last K, every M tokens) and verification of checkpoints (train/checkpoint.py)."""
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
+    """Config changes a resume may make on purpose (train/checkpoint.py check_resume)."""
     experiment: str = "kiln"
     """Run directory is runs/<experiment>/<name>."""
     name: str = "${recipe.name}"

@@ -138,6 +138,9 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
     if resume is not None and checkpoint.read_state(resume)["final"]:
         log.info("stage %s is complete (%s); skipping", name, resume)
         return StageResult(**checkpoint.read_state(resume))
+    record = checkpoint.resume_record(cfg, name)
+    if resume is not None:
+        checkpoint.check_resume(resume, record, allow=cfg.resume.allow_config_change)
 
     dtype = torch.bfloat16 if run.device.type == "cuda" else torch.float32
     model = build_model(
@@ -290,6 +293,7 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
                 scheduler=scheduler,
                 state=vars(result),
                 retention=cfg.checkpoint,
+                record=record,
             )
     progress.close()
     result.valid_end = evaluate(run, ddp, valid_ds, stage)
@@ -317,6 +321,7 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         scheduler=scheduler,
         state=vars(result),
         retention=cfg.checkpoint,
+        record=record,
     )
     return result
 

@@ -212,3 +212,49 @@ def test_average_of_checkpoints_is_the_elementwise_mean(megatron_world1, tmp_pat
             torch.testing.assert_close(value, (saved[1][name] + saved[2][name]) / 2, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="needs 4 complete checkpoints in .* found 3"):
         last_checkpoints(directory, 4)
+
+
+def _saved_with(tmp_path, overrides: list[str], stage: str = "base") -> str:
+    from tests.train.test_config import compose_cfg
+    from train.config import to_config
+
+    path = tmp_path / "step_000010"
+    path.mkdir()
+    record = checkpoint.resume_record(to_config(compose_cfg(overrides)), stage)
+    (path / checkpoint.CONFIG_FILE).write_text(json.dumps(record))
+    return str(path)
+
+
+def _current(overrides: list[str], stage: str = "base") -> dict:
+    from tests.train.test_config import compose_cfg
+    from train.config import to_config
+
+    return checkpoint.resume_record(to_config(compose_cfg(overrides)), stage)
+
+
+def test_resume_refuses_a_changed_lr_unless_allowed(tmp_path, caplog):
+    from train.errors import ConfigError
+
+    path = _saved_with(tmp_path, [])
+    checkpoint.check_resume(path, _current(["parallel.micro_batch=1", "logging.log_every_steps=3"]), allow=[])
+    changed = _current(["recipe.stages.base.lr=0.001"])
+    with pytest.raises(ConfigError) as err:
+        checkpoint.check_resume(path, changed, allow=[])
+    msg = str(err.value)
+    assert "recipe.stages.base.lr: 0.003 -> 0.001" in msg
+    assert "resume.allow_config_change=[recipe.stages.base.lr]" in msg
+    with caplog.at_level("WARNING"):
+        checkpoint.check_resume(path, changed, allow=["recipe.stages.base"])
+    assert "recipe.stages.base.lr changed 0.003 -> 0.001 (allowed)" in caplog.text
+    # Another stage's settings do not concern this stage's checkpoint.
+    checkpoint.check_resume(path, _current(["recipe.stages.anneal.tokens=131072"]), allow=[])
+
+
+def test_resume_refuses_another_architecture_even_when_allowed(tmp_path):
+    from train.errors import ConfigError
+
+    path = _saved_with(tmp_path, [])
+    with pytest.raises(ConfigError, match="another architecture \\(arch.num_layers: 4 -> 3\\)"):
+        checkpoint.check_resume(path, _current(["model.num_layers=3"]), allow=["arch"])
+    with pytest.raises(ConfigError, match="data.tokenizer.vocab_size: 4096 -> 2048"):
+        checkpoint.check_resume(path, _current(["data.tokenizer.vocab_size=2048"]), allow=["data"])
