@@ -294,20 +294,68 @@ def prune(directory: str, retention: CheckpointConfig, *, keep: str) -> list[str
 
 
 # ------------------------------------------------------------------------------------------ save/load
+class MegatronState:
+    """Model chunks (and a megatron-core optimizer) written with megatron.core.dist_checkpointing, so a checkpoint
+    saved at one layout loads at another (TP, PP, virtual stages, DP). The engines' `save_state`/`load_state`
+    (parallel/engines/) follow the same two-method protocol."""
+
+    def __init__(self, chunks: list, optimizer=None) -> None:
+        self.chunks, self.optimizer = chunks, optimizer
+
+    def _model_sd(self) -> dict:
+        sds = [c.sharded_state_dict() for c in self.chunks]
+        # Virtual-pipeline chunks hold local names that repeat ("decoder.layers.0"); the sharded tensors
+        # inside carry the global names, so the nesting never reaches the files.
+        return sds[0] if len(sds) == 1 else {f"chunk{i}": sd for i, sd in enumerate(sds)}
+
+    def save_state(self, path: str, common: dict) -> None:
+        from megatron.core import dist_checkpointing
+
+        model_sd = self._model_sd()
+        sharded = {"model": model_sd, **common}
+        if self.optimizer is not None:
+            sharded["optimizer"] = self.optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_FORMAT)
+        dist_checkpointing.save(sharded, path)
+
+    def load_state(self, path: str, *, optimizer: bool) -> dict:
+        """Load weights (and the optimizer when asked and present); returns the common (non-sharded) state."""
+        from megatron.core import dist_checkpointing
+
+        model_sd = self._model_sd()
+        sharded: dict = {"model": model_sd}
+        if optimizer and self.optimizer is not None:
+            # A fresh distributed optimizer has no Adam state yet: allocate it so the checkpoint has a target.
+            for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+                opt._init_optimizer_states_with_dummy_values()
+            sharded["optimizer"] = self.optimizer.sharded_state_dict(
+                model_sd, is_loading=True, metadata=OPTIMIZER_FORMAT
+            )
+        loaded = dist_checkpointing.load(sharded, path)
+        if len(self.chunks) == 1:
+            self.chunks[0].load_state_dict(loaded["model"])
+        else:
+            for i, chunk in enumerate(self.chunks):
+                chunk.load_state_dict(loaded["model"][f"chunk{i}"])
+        if "optimizer" in sharded:
+            self.optimizer.load_state_dict(loaded["optimizer"])
+        return dist_checkpointing.load_common_state_dict(path)
+
+
 def save(
     directory: str,
     *,
-    model,
-    optimizer,
     scheduler,
     state: dict,
     retention: CheckpointConfig | None = None,
+    engine=None,
+    model=None,
+    optimizer=None,
     record: dict | None = None,
 ) -> str:
-    """Save on all ranks; returns the checkpoint path. `model` is the bare GPTModel (DDP's `.module`),
-    `state` the JSON-able loop state, `record` the `resume_record` of the config it was computed with."""
-    from megatron.core import dist_checkpointing
-
+    """Save on all ranks; returns the checkpoint path. `engine` is the training engine (parallel/engines/),
+    or give `model` (the bare GPTModel, DDP's `.module`) and `optimizer`; `state` is the JSON-able loop state,
+    `record` the `resume_record` of the config it was computed with."""
+    store = engine if engine is not None else MegatronState([model], optimizer)
     path = path_for(directory, state["step"])
     tmp = path + ".tmp"
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -315,14 +363,7 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    model_sd = model.sharded_state_dict()
-    sharded = {
-        "model": model_sd,
-        "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_FORMAT),
-        "scheduler": scheduler.state_dict(),
-        "rng": torch.get_rng_state(),
-    }
-    dist_checkpointing.save(sharded, tmp)
+    store.save_state(tmp, {"scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()})
     if rank == 0:
         _write_synced(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=2))
         if record is not None:
@@ -348,29 +389,27 @@ def save(
     return path
 
 
-def load(path: str, *, model, optimizer=None, scheduler=None, full_verify: bool = False) -> dict:
+def load(
+    path: str,
+    *,
+    engine=None,
+    model=None,
+    optimizer=None,
+    scheduler=None,
+    load_optimizer: bool = True,
+    full_verify: bool = False,
+) -> dict:
     """Load weights (and, when given, optimizer and schedule state) from `path`; returns its loop state.
-    Refuses a checkpoint that fails `verify` (with `full_verify`, every file's hash is checked)."""
-    from megatron.core import dist_checkpointing
-
+    `engine` (parallel/engines/) or `model` + `optimizer` as in `save`; with an engine, `load_optimizer`
+    says whether its optimizer state is loaded. Refuses a checkpoint that fails `verify` (with
+    `full_verify`, every file's hash is checked)."""
     problem = verify(path, full=full_verify)
     if problem is not None:
         raise RuntimeError(f"refusing to load a broken checkpoint: {problem}")
-    model_sd = model.sharded_state_dict()
-    sharded: dict = {"model": model_sd}
-    if optimizer is not None:
-        # A fresh distributed optimizer has no Adam state yet: allocate it so the checkpoint has a target.
-        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-            opt._init_optimizer_states_with_dummy_values()
-        sharded["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=True, metadata=OPTIMIZER_FORMAT
-        )
-    loaded = dist_checkpointing.load(sharded, path)
-    model.load_state_dict(loaded["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+    if engine is None:
+        engine, load_optimizer = MegatronState([model], optimizer), optimizer is not None
+    common = engine.load_state(path, optimizer=load_optimizer)
     if scheduler is not None:
-        common = dist_checkpointing.load_common_state_dict(path)
         scheduler.load_state_dict(common["scheduler"])
         torch.set_rng_state(common["rng"])
     return read_state(path)

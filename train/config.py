@@ -342,7 +342,12 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.device not in DEVICES:
         raise ConfigError("device", cfg.device, f"choose one of {', '.join(DEVICES)}")
     arch = cfg.model.arch()
-    cfg.parallel.check_model(heads=arch.num_attention_heads, kv_heads=arch.num_kv_heads)
+    cfg.parallel.check_model(
+        heads=arch.num_attention_heads,
+        kv_heads=arch.num_kv_heads,
+        layers=arch.num_layers,
+        experts=getattr(arch, "num_experts", None) or 0,
+    )
     stages = cfg.recipe.stages
     if not stages:
         raise ConfigError("recipe.stages", {}, "a recipe needs at least one stage")
@@ -356,7 +361,11 @@ def validate(cfg: TrainConfig) -> None:
                     stage.mix[src],
                     f"no such data source; sources are {sorted(cfg.data.sources)}",
                 )
-        cfg.parallel.check_batch(key=f"recipe.stages.{name}.batch_tokens", sequences=stage.batch_sequences)
+        cfg.parallel.check_batch(
+            key=f"recipe.stages.{name}.batch_tokens",
+            sequences=stage.batch_sequences,
+            seq_length=stage.seq_length,
+        )
         if stage.init_from is not None and stage.init_from not in seen and not os.path.isdir(stage.init_from):
             raise ConfigError(
                 f"recipe.stages.{name}.init_from",
