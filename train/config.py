@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from models.llama import LlamaArch, resolve_arch
+from models.arch import Arch
+from models.registry import resolve_arch
 from parallel.layout import ParallelLayout
 from train.checkpoint import CheckpointConfig, ResumeConfig
 from train.errors import ConfigError
@@ -90,9 +92,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     family: str = "llama3"
-    """Model family (models/): llama3."""
+    """Model family (models/registry.py): llama3, mistral, mixtral, qwen2, gemma2, deepseek_v2."""
     size: str = "tiny"
-    """A size of the family, defined in code (models/llama.py SIZES)."""
+    """A size of the family, defined in code (e.g. models/llama.py sizes(); `tiny` for every family)."""
     num_layers: int | None = None
     """Overrides of the size's values; null keeps the size's own."""
     hidden_size: int | None = None
@@ -101,10 +103,21 @@ class ModelConfig:
     ffn_hidden_size: int | None = None
     rope_theta: float | None = None
     tie_embeddings: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Overrides of any other architecture field (models/arch.py Arch), e.g. `+model.extra.sliding_window=512`,
+    `+model.extra.rope={kind: yarn, factor: 4}` or `+model.extra.moe={top_k: 1}`."""
 
-    def arch(self) -> LlamaArch:
-        overrides = {k: v for k, v in vars(self).items() if k not in ("family", "size") and v is not None}
-        return resolve_arch(self.family, self.size, **overrides)
+    def arch(self) -> Arch:
+        overrides = {
+            k: v for k, v in vars(self).items() if k not in ("family", "size", "extra") and v is not None
+        }
+        extra = OmegaConf.to_container(self.extra) if isinstance(self.extra, DictConfig) else dict(self.extra)
+        clash = sorted(set(extra) & set(overrides))
+        if clash:
+            raise ConfigError(
+                f"model.extra.{clash[0]}", extra[clash[0]], f"set it as model.{clash[0]} instead"
+            )
+        return resolve_arch(self.family, self.size, **overrides, **extra)
 
     def __post_init__(self) -> None:
         self.arch()  # raises ConfigError naming the bad key

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from data import blend
 from data.prepare import PreparedData
-from models.llama import build_model
+from models.gpt import build_model
 from parallel.engines import OptimSettings, build_engine
 from train import checkpoint
 from train.config import StageConfig, TrainConfig

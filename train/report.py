@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from models.llama import build_model
+from models.gpt import build_model
 from train import checkpoint
 from train.config import TrainConfig
 
