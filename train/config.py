@@ -14,6 +14,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from data.config import DataConfig
 from models.arch import Arch
 from models.registry import resolve_arch
 from parallel.layout import ParallelLayout
@@ -21,71 +22,12 @@ from train.checkpoint import CheckpointConfig, ResumeConfig
 from train.errors import ConfigError
 from train.schedule import SCHEDULES, WSD_DECAY_STYLES
 
-SOURCE_KINDS = ("python_stdlib", "package_docs", "files")
 WANDB_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
 
 
 # ----------------------------------------------------------------------------------------------- data
-@dataclass
-class SourceConfig:
-    kind: str = "files"
-    """python_stdlib (the interpreter's own .py sources), package_docs (README/.md/.rst and METADATA
-    descriptions of installed packages) or files (the `paths` globs: .jsonl with a `text` field, else plain text)."""
-    paths: list[str] = field(default_factory=list)
-    """Globs read by kind=files (`**` allowed)."""
-    max_docs: int | None = None
-    """Keep at most this many documents (after sorting inputs by path, so the choice is deterministic)."""
-    max_bytes: int | None = None
-    """Stop reading once this many UTF-8 bytes of documents are kept."""
-
-
-@dataclass
-class TokenizerConfig:
-    vocab_size: int = 4096
-    """SentencePiece vocabulary size (the model pads it to a multiple of 128)."""
-    model_type: str = "bpe"
-    """SentencePiece model type: bpe or unigram."""
-    byte_fallback: bool = True
-    """Unknown characters become UTF-8 byte tokens, so no text is ever <unk>."""
-    train_bytes: int = 8_000_000
-    """Bytes of text (sampled evenly over sources) used to train the tokenizer."""
-
-
-@dataclass
-class DataConfig:
-    sources: dict[str, SourceConfig] = field(default_factory=dict)
-    """Named sources; stage mixes refer to these names."""
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    cache_dir: str = "${run_dir}/data"
-    """Where prepared data lives; each preparation goes in a subdirectory named by the data config's hash."""
-    min_chars: int = 64
-    """Drop documents shorter than this many characters after normalization."""
-    valid_percent: int = 2
-    """Percent of each source's documents held out for validation."""
-    seed: int = 1234
-    """Seed of the blended dataset's sample order."""
-
-    def __post_init__(self) -> None:
-        if not self.sources:
-            raise ConfigError("data.sources", {}, "name at least one source, e.g. data=default")
-        for name, src in self.sources.items():
-            if src.kind not in SOURCE_KINDS:
-                raise ConfigError(
-                    f"data.sources.{name}.kind", src.kind, f"choose one of {', '.join(SOURCE_KINDS)}"
-                )
-            if src.kind == "files" and not src.paths:
-                raise ConfigError(
-                    f"data.sources.{name}.paths", [], "kind=files needs at least one path or glob"
-                )
-        if self.tokenizer.model_type not in ("bpe", "unigram"):
-            raise ConfigError("data.tokenizer.model_type", self.tokenizer.model_type, "choose bpe or unigram")
-        if not 256 < self.tokenizer.vocab_size <= 65_000:
-            raise ConfigError(
-                "data.tokenizer.vocab_size", self.tokenizer.vocab_size, "use 257..65000 (uint16 token files)"
-            )
-        if not 0 < self.valid_percent < 50:
-            raise ConfigError("data.valid_percent", self.valid_percent, "use a percent between 1 and 49")
+# The data group's schema (DataConfig, SourceConfig, TokenizerConfig, ...) lives in data/config.py.
 
 
 # ---------------------------------------------------------------------------------------------- model
