@@ -14,7 +14,7 @@ from data import blend
 from data.prepare import PreparedData
 from models.llama import build_model
 from parallel import engine
-from train import checkpoint
+from train import checkpoint, signals
 from train.config import StageConfig, TrainConfig
 from train.logs import MetricSinks, Progress, set_stage
 from train.schedule import build_scheduler
@@ -290,6 +290,25 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
                 scheduler=scheduler,
                 state=vars(result),
                 retention=cfg.checkpoint,
+            )
+        if signals.stop_requested(run.device):  # Slurm's USR1/TERM or the stop file, agreed by every rank
+            if result.checkpoint != checkpoint.path_for(directory, result.step):
+                result.checkpoint = checkpoint.path_for(directory, result.step)
+                checkpoint.save(
+                    directory,
+                    model=ddp.module,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    state=vars(result),
+                    retention=cfg.checkpoint,
+                )
+            progress.close()
+            signals.stop(
+                run_dir=cfg.run_dir,
+                max_restarts=cfg.cluster.slurm.max_restarts,
+                stage=name,
+                step=result.step,
+                checkpoint=result.checkpoint,
             )
     progress.close()
     result.valid_end = evaluate(run, ddp, valid_ds, stage)
