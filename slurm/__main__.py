@@ -15,10 +15,9 @@ import argparse
 import logging
 import sys
 
-from train.errors import ConfigError
-
 from slurm import status as status_mod
 from slurm import submit as submit_mod
+from train.errors import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:

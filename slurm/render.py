@@ -187,7 +187,7 @@ def render_train(
         "",
         "# torchrun ignores USR1 (the ignore survives exec into it and its workers); the ranks install a handler.",
         _srun(cfg, shape=shape) + " \\",
-        "  bash -c 'trap \"\" USR1; exec \"$@\"' kiln-torchrun \\",
+        '  bash -c \'trap "" USR1; exec "$@"\' kiln-torchrun \\',
         "  " + " \\\n  ".join(torchrun) + " &",
         "SRUN_PID=$!",
         "# `wait` returns early when a trapped signal arrives: wait again until srun has exited.",
@@ -198,7 +198,9 @@ def render_train(
     return "\n".join(lines) + "\n"
 
 
-def render_data_array(cfg: TrainConfig, overrides: list[str], *, num_shards: int, root: str | None = None) -> str:
+def render_data_array(
+    cfg: TrainConfig, overrides: list[str], *, num_shards: int, root: str | None = None
+) -> str:
     """A job array preparing the data in `num_shards` shards: task i runs
     `python -m data <overrides> data.shard_index=i data.num_shards=N` (one process, no requeue needed: a shard
     that did not finish is redone by submitting again)."""

@@ -10,10 +10,9 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+from slurm.submit import SlurmError, read_jobs
 from train import checkpoint
 from train.signals import EVENTS_FILE
-
-from slurm.submit import SlurmError, read_jobs
 
 REASONS = {
     "DependencyNeverSatisfied": "the job it waits on (afterok) failed, so it will never start; scancel {id} "
@@ -103,7 +102,9 @@ def job_status(run_dir: str) -> list[JobStatus]:
     """The state of every job of the run's latest submission. SlurmError when there is none or no Slurm."""
     history = read_jobs(os.path.join(run_dir, "slurm"))
     if not history:
-        raise SlurmError(f"no jobs recorded in {run_dir}/slurm/jobs.json: submit with `python -m slurm submit`")
+        raise SlurmError(
+            f"no jobs recorded in {run_dir}/slurm/jobs.json: submit with `python -m slurm submit`"
+        )
     if shutil.which("scontrol") is None:
         raise SlurmError("scontrol not found on PATH: run status on a Slurm login node")
     steps = _last_steps(run_dir)

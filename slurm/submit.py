@@ -12,10 +12,9 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from slurm import render
 from train.config import TrainConfig, register, to_config
 from train.errors import ConfigError
-
-from slurm import render
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 JOBS_FILE = "jobs.json"
@@ -122,16 +121,16 @@ def sbatch(script: str, *, dependency: str | None = None) -> str:
 
 
 def submit(jobs: list[Job], *, dry_run: bool = False) -> list[Job]:
-    """Write each script into the run dir and (unless dry_run) submit them in order, chaining `after`."""
+    """Write each script into the run dir and submit them in order, chaining `after` (dry_run: neither)."""
     if not dry_run:
         _slurm_binary("sbatch")  # fail before writing or submitting anything
+    if dry_run:
+        return jobs
     ids: dict[str, str] = {}
     for job in jobs:
         os.makedirs(os.path.dirname(job.script), exist_ok=True)
         with open(job.script, "w") as f:
             f.write(job.text)
-        if dry_run:
-            continue
         try:
             job.job_id = sbatch(job.script, dependency=ids.get(job.after) if job.after else None)
         except SlurmError:
@@ -139,8 +138,7 @@ def submit(jobs: list[Job], *, dry_run: bool = False) -> list[Job]:
                 subprocess.run(["scancel", done], capture_output=True)
             raise
         ids[job.part] = job.job_id
-    if not dry_run:
-        _record(os.path.dirname(jobs[0].script), jobs)
+    _record(os.path.dirname(jobs[0].script), jobs)
     return jobs
 
 

@@ -67,7 +67,9 @@ def stop(*, run_dir: str, max_restarts: int, stage: str, step: int, checkpoint: 
     action = "exit"
     if dist.get_rank() == 0:
         if job is None:
-            log.warning("stopping at step %d of %s on request (%s); checkpoint %s", step, stage, why, checkpoint)
+            log.warning(
+                "stopping at step %d of %s on request (%s); checkpoint %s", step, stage, why, checkpoint
+            )
         elif restarts >= max_restarts:
             action = "max_restarts"
             log.error(
@@ -99,7 +101,6 @@ def stop(*, run_dir: str, max_restarts: int, stage: str, step: int, checkpoint: 
             if proc.returncode != 0:
                 log.error("scontrol requeue %s failed: %s", job, proc.stderr.strip())
     dist.barrier()
-    logging.shutdown()
     sys.exit(STOP_EXIT_CODE)
 
 
