@@ -221,6 +221,57 @@ class SlurmOptions:
     """Environment exported in the job (NCCL settings, timeouts)."""
     max_restarts: int = 10
     """Requeues after preemption or time limit before the job gives up."""
+    signal_lead_s: int = 300
+    """Seconds before the time limit Slurm signals the job (`--signal=B:USR1@<lead>`): one training step plus
+    one checkpoint write, with margin (Slurm may send it up to 60 s early)."""
+    cpus_per_node: int | None = None
+    """CPUs per node for the job (`--cpus-per-task`, one task per node); null leaves Slurm's default."""
+    venv: str | None = None
+    """A virtualenv to activate in the job (`source <venv>/bin/activate`)."""
+    python: str | None = None
+    """Interpreter the job runs; null: `python` when a venv or container is set, else the submitting one."""
+    container_mounts: str | None = None
+    """pyxis `--container-mounts` with container_image (the run directory must be visible inside)."""
+    port_base: int = 15000
+    """Rendezvous port = port_base + job id % 10000, so two jobs on one node do not collide."""
+    sbatch_args: list[str] = field(default_factory=list)
+    """Extra `#SBATCH` options as given to sbatch (e.g. "--gres=gpu:8", "--reservation=x")."""
+
+    def __post_init__(self) -> None:
+        limit = slurm_time_seconds(self.time)
+        if limit is None:
+            raise ConfigError(
+                "cluster.slurm.time",
+                self.time,
+                "use Slurm's format: MM, HH:MM:SS or D-HH:MM:SS, e.g. 04:00:00",
+            )
+        if not 0 < self.signal_lead_s < limit:
+            raise ConfigError(
+                "cluster.slurm.signal_lead_s",
+                self.signal_lead_s,
+                f"must be > 0 and shorter than the time limit ({limit} s), sized to one step + one checkpoint",
+            )
+        if self.cpus_per_node is not None and self.cpus_per_node < 1:
+            raise ConfigError("cluster.slurm.cpus_per_node", self.cpus_per_node, "must be >= 1 or null")
+        if not 1024 <= self.port_base <= 55535:
+            raise ConfigError("cluster.slurm.port_base", self.port_base, "use a port in 1024..55535")
+
+
+def slurm_time_seconds(text: str) -> int | None:
+    """Seconds of a Slurm time limit (sbatch(1) --time: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S), None if malformed."""
+    import re
+
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", str(text).strip())
+    if not m:
+        return None
+    days, a, b, c = (int(g) if g is not None else None for g in m.groups())
+    if days is not None:  # D-H[:M[:S]]
+        return days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    if c is not None:  # H:M:S
+        return a * 3600 + b * 60 + c
+    if b is not None:  # M:S
+        return a * 60 + b
+    return a * 60  # M
 
 
 @dataclass

@@ -14,7 +14,7 @@ from data import blend
 from data.prepare import PreparedData
 from models.gpt import build_model
 from parallel.engines import OptimSettings, build_engine
-from train import checkpoint
+from train import checkpoint, signals
 from train.config import StageConfig, TrainConfig
 from train.logs import MetricSinks, Progress, set_stage
 from train.schedule import build_scheduler
@@ -159,6 +159,17 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
             group.update(own)
         log.info("initialized %s from %s (peak LR %.3g)", name, init_path, peak_lr)
 
+    def save() -> None:
+        result.checkpoint = checkpoint.path_for(directory, result.step)
+        checkpoint.save(
+            directory,
+            engine=engine,
+            scheduler=scheduler,
+            state=vars(result),
+            retention=cfg.checkpoint,
+            record=config_record,
+        )
+
     steps = stage.steps
     train_ds = blend.train_dataset(
         run.prepared,
@@ -235,14 +246,17 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
             log_line=is_log,
         )
         if save_every and result.step % save_every == 0 and result.step != steps:
-            result.checkpoint = checkpoint.path_for(directory, result.step)
-            checkpoint.save(
-                directory,
-                engine=engine,
-                scheduler=scheduler,
-                state=vars(result),
-                retention=cfg.checkpoint,
-                record=config_record,
+            save()
+        if signals.stop_requested(run.device):  # Slurm's USR1/TERM or the stop file, agreed by every rank
+            if result.checkpoint != checkpoint.path_for(directory, result.step):
+                save()
+            progress.close()
+            signals.stop(
+                run_dir=cfg.run_dir,
+                max_restarts=cfg.cluster.slurm.max_restarts,
+                stage=name,
+                step=result.step,
+                checkpoint=result.checkpoint,
             )
     progress.close()
     result.valid_end = evaluate(run, engine, valid_ds, stage)
@@ -262,15 +276,7 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         _fmt(result.valid_end),
     )
     result.final = True
-    result.checkpoint = checkpoint.path_for(directory, result.step)
-    checkpoint.save(
-        directory,
-        engine=engine,
-        scheduler=scheduler,
-        state=vars(result),
-        retention=cfg.checkpoint,
-        record=config_record,
-    )
+    save()
     return result
 
 
