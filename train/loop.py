@@ -107,12 +107,11 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
     engine = build_engine(
         layout,
         build_model=lambda: build_model(
-            cfg.model.arch(),
+            stage.arch(cfg.model.arch()),
             vocab_size=run.vocab_size,
             max_seq_length=stage.seq_length,
             tp=layout.tp,
             sp=layout.sp,
-            rope_scaling_factor=stage.rope_scaling_factor,
             dtype=dtype,
         ),
         optim=OptimSettings(
