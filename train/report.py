@@ -49,6 +49,7 @@ def format_report(cfg: TrainConfig, results: list, *, sample: str) -> str:
     for r in results:
         valid = [
             f"{r.valid_start.get(s, float('nan')):.3f} -> {r.valid_end.get(s, float('nan')):.3f}"
+            + (f" (averaged {r.valid_avg[s]:.3f})" if s in r.valid_avg else "")
             for s in sources
         ]
         first, last = (r.train_loss + [float("nan")] * 2)[:2]
