@@ -144,31 +144,48 @@ def weight_error(modules: list, full: dict) -> tuple[float, float]:
 
 
 # --------------------------------------------------------------------------------- one layout
-def run_layout(spec: dict, ref: dict) -> dict:
+def run_layout(spec: dict, ref: dict, *, scratch: str) -> dict:
+    """Train `spec` for STEPS steps. With "resume_at": k, the engine is saved after step k through
+    train/checkpoint.py, thrown away, and a fresh one loads the checkpoint and goes on."""
     from megatron.core import parallel_state as ps
 
     from parallel import engine as groups
     from parallel.engines import OptimSettings, build_engine
     from parallel.layout import ParallelLayout
+    from train import checkpoint
     from train.schedule import build_scheduler
 
+    spec = dict(spec)
+    resume_at = spec.pop("resume_at", None)
     layout = ParallelLayout(nproc_per_node=dist.get_world_size(), micro_batch=MICRO, **spec)
     groups.init_model_parallel(layout, seed=1234, device=torch.device("cpu"))
-    accum = layout.accum_steps(BATCH)
-    engine = build_engine(
-        layout,
-        build_model=lambda: load_full(build(tp=layout.tp, sp=layout.sp), ref["init"]),
-        optim=OptimSettings(lr=LR, min_lr=LR, weight_decay=WD, betas=(0.9, 0.95), eps=1e-8, clip_grad=CLIP),
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        grad_accum=accum,
-    )
-    scheduler = build_scheduler(
-        engine, peak_lr=LR, min_lr=LR, tokens=10**9, warmup_tokens=0, schedule="constant", weight_decay=WD
-    )
+
+    def fresh(init: dict):
+        engine = build_engine(
+            layout,
+            build_model=lambda: load_full(build(tp=layout.tp, sp=layout.sp), init),
+            optim=OptimSettings(
+                lr=LR, min_lr=LR, weight_decay=WD, betas=(0.9, 0.95), eps=1e-8, clip_grad=CLIP
+            ),
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+            grad_accum=layout.accum_steps(BATCH),
+        )
+        scheduler = build_scheduler(
+            engine, peak_lr=LR, min_lr=LR, tokens=10**9, warmup_tokens=0, schedule="constant", weight_decay=WD
+        )
+        return engine, scheduler
+
+    engine, scheduler = fresh(ref["init"])
     dp_rank, per_rank = ps.get_data_parallel_rank(), BATCH // layout.dp_size
     losses, norms = [], []
     for step in range(STEPS):
+        if step == resume_at:
+            path = checkpoint.save(scratch, engine=engine, scheduler=scheduler, state={"step": step})
+            del engine
+            # Different weights before loading, so a load that does nothing cannot pass.
+            engine, scheduler = fresh({k: torch.zeros_like(v) for k, v in ref["init"].items()})
+            assert checkpoint.load(path, engine=engine, scheduler=scheduler, full_verify=True)["step"] == step
         b = global_batch(step)
         mine = {k: v[dp_rank * per_rank : (dp_rank + 1) * per_rank] for k, v in b.items()}
         micro = [{k: v[i : i + MICRO] for k, v in mine.items()} for i in range(0, per_rank, MICRO)]
@@ -189,9 +206,9 @@ def main() -> None:
     dist.init_process_group("gloo")
     ref = torch.load(ref_path)
     results = {}
-    for name, spec in specs.items():
+    for i, (name, spec) in enumerate(specs.items()):
         try:
-            results[name] = run_layout(spec, ref)
+            results[name] = run_layout(spec, ref, scratch=os.path.join(os.path.dirname(out_path), f"ckpt{i}"))
         except Exception as e:  # one broken layout must not hide the others' numbers
             import traceback
 

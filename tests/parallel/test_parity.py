@@ -1,5 +1,6 @@
 """Every supported layout computes what one process computes: per-step losses, gradient norms and final
-weights of 5 AdamW steps (fp32, gloo) against a plain-torch single-process reference (parity_worker.py).
+weights of 5 AdamW steps (fp32, gloo) against a plain-torch single-process reference (parity_worker.py), also
+when training is interrupted by a checkpoint save and a load into a fresh engine.
 
 Tolerances: losses and gradient norms 1e-5 relative (measured <= 2e-7: summation order only). Final weights:
 ||w - w_ref|| / ||w_ref|| <= 1e-5 per tensor (measured <= 4e-6), and every element within 2e-5 (measured
@@ -35,6 +36,9 @@ TWO = {
     "deepspeed zero-2": {"engine": "deepspeed", "zero_stage": 2},
     "deepspeed zero-3": {"engine": "deepspeed", "zero_stage": 3},
     "deepspeed zero-3 + cpu offload": {"engine": "deepspeed", "zero_stage": 3, "offload": "optimizer+param"},
+    # Saved after step 2 by train/checkpoint.py, loaded into a fresh engine (zeroed weights), trained on.
+    "pp2 + vpp2, resumed from a checkpoint": {"pp": 2, "vpp": 2, "resume_at": 2},
+    "deepspeed zero-3, resumed from a checkpoint": {"engine": "deepspeed", "zero_stage": 3, "resume_at": 2},
 }
 FOUR = {
     "pp4": {"pp": 4},
