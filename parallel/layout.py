@@ -296,6 +296,23 @@ class ParallelLayout:
                     f"try {max(split, seq_length // split * split)}",
                 )
 
+    def model_state_bytes(self, params: int, *, mixed_precision: bool = False) -> dict[str, float]:
+        """Bytes per rank of parameters, gradients and Adam state for a model of `params` parameters, as the
+        layout shards them: tensor and pipeline parallelism split the model tp*pp ways (replicated norms
+        ignored); ZeRO stage 1 shards the optimizer state over dp, stage 2 also the gradients, stage 3 also the
+        parameters (Rajbhandari et al. 2020, "ZeRO", sec. 5.1 and Fig. 1). fp32 training: 4 bytes per
+        parameter, 4 per gradient, 8 of Adam moments. Mixed precision (bf16): 2 + 4 (megatron reduces grads in
+        fp32; deepspeed: 2) + 12 (fp32 master copy and moments, the paper's K = 12)."""
+        psi = params / (self.tp * self.pp)
+        dp = self.dp_size
+        param_b, opt_b = (2, 12) if mixed_precision else (4, 8)
+        grad_b = 2 if mixed_precision and self.engine == "deepspeed" else 4
+        return {
+            "params": psi * param_b / (dp if self.zero_stage >= 3 else 1),
+            "grads": psi * grad_b / (dp if self.zero_stage >= 2 else 1),
+            "optimizer": psi * opt_b / (dp if self.zero_stage >= 1 else 1),
+        }
+
     def accum_steps(self, sequences: int) -> int:
         """Micro-batches per step on each data-parallel rank for a global batch of `sequences`."""
         return sequences // (self.dp_size * self.micro_batch)

@@ -195,6 +195,12 @@ def run_layout(spec: dict, ref: dict, *, scratch: str) -> dict:
         scheduler.step(increment=1)
     rel, max_abs = weight_error(engine.modules, ref["final"])
     out = {"losses": losses, "grad_norms": norms, "weight_rel": rel, "weight_max_abs": max_abs}
+    sizes = engine.state_bytes()
+    for key in ("params", "grads", "optimizer"):  # the largest rank's bytes
+        if sizes[key] is not None:
+            t = torch.tensor(float(sizes[key]))
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            out[f"{key}_bytes"] = t.item()
     del engine
     ps.destroy_model_parallel()
     return out

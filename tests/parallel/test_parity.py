@@ -1,6 +1,8 @@
 """Every supported layout computes what one process computes: per-step losses, gradient norms and final
 weights of 5 AdamW steps (fp32, gloo) against a plain-torch single-process reference (parity_worker.py), also
-when training is interrupted by a checkpoint save and a load into a fresh engine.
+when training is interrupted by a checkpoint save and a load into a fresh engine; and each rank's measured bytes
+of parameters, gradients and optimizer state equal `ParallelLayout.model_state_bytes` (the ZeRO formulas) within
+5%.
 
 Tolerances: losses and gradient norms 1e-5 relative (measured <= 2e-7: summation order only). Final weights:
 ||w - w_ref|| / ||w_ref|| <= 1e-5 per tensor (measured <= 4e-6), and every element within 2e-5 (measured
@@ -19,6 +21,7 @@ import sys
 import pytest
 import torch
 
+from parallel.layout import ParallelLayout
 from tests.conftest import ROOT
 from tests.parallel import parity_worker as W
 
@@ -67,10 +70,17 @@ def launch(nproc: int, layouts: dict, reference: str, out: str) -> dict:
         return json.load(f)
 
 
-def check(results: dict, layouts: dict, reference: str) -> None:
+def check(results: dict, layouts: dict, reference: str, nproc: int) -> None:
     ref = torch.load(reference)
+    params = sum(v.numel() for v in ref["init"].values())
     assert sorted(results) == sorted(layouts)
     for name, got in results.items():
+        # The largest rank's measured bytes against the layout's ZeRO formula (within 5%).
+        spec = {k: v for k, v in layouts[name].items() if k != "resume_at"}
+        expected = ParallelLayout(nproc_per_node=nproc, **spec).model_state_bytes(params)
+        for key in ("params", "grads", "optimizer"):
+            if f"{key}_bytes" in got:
+                assert got[f"{key}_bytes"] == pytest.approx(expected[key], rel=0.05), (name, key)
         assert "error" not in got, f"{name}: {got.get('error')}"
         assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5), name
         assert got["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-5), name
@@ -87,8 +97,8 @@ def test_reference_trains_and_clips(reference):
 
 
 def test_two_process_layouts_equal_one_process(reference, tmp_path):
-    check(launch(2, TWO, reference, str(tmp_path / "two.json")), TWO, reference)
+    check(launch(2, TWO, reference, str(tmp_path / "two.json")), TWO, reference, 2)
 
 
 def test_four_process_layouts_equal_one_process(reference, tmp_path):
-    check(launch(4, FOUR, reference, str(tmp_path / "four.json")), FOUR, reference)
+    check(launch(4, FOUR, reference, str(tmp_path / "four.json")), FOUR, reference, 4)
