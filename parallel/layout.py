@@ -296,14 +296,21 @@ class ParallelLayout:
                     f"try {max(split, seq_length // split * split)}",
                 )
 
-    def model_state_bytes(self, params: int, *, mixed_precision: bool = False) -> dict[str, float]:
-        """Bytes per rank of parameters, gradients and Adam state for a model of `params` parameters, as the
-        layout shards them: tensor and pipeline parallelism split the model tp*pp ways (replicated norms
-        ignored); ZeRO stage 1 shards the optimizer state over dp, stage 2 also the gradients, stage 3 also the
-        parameters (Rajbhandari et al. 2020, "ZeRO", sec. 5.1 and Fig. 1). fp32 training: 4 bytes per
-        parameter, 4 per gradient, 8 of Adam moments. Mixed precision (bf16): 2 + 4 (megatron reduces grads in
-        fp32; deepspeed: 2) + 12 (fp32 master copy and moments, the paper's K = 12)."""
-        psi = params / (self.tp * self.pp)
+    def model_state_bytes(
+        self, params: int, *, embedding_params: int = 0, mixed_precision: bool = False
+    ) -> dict[str, float]:
+        """Bytes on the fullest rank of parameters, gradients and Adam state for a model of `params` parameters,
+        as the layout shards them. Tensor parallelism splits everything tp ways (replicated norms ignored);
+        pipeline parallelism splits the layers pp ways, while the first stage also holds the input embedding and
+        the last the output layer (`embedding_params` each: vocab x hidden). ZeRO stage 1 shards the optimizer
+        state over dp, stage 2 also the gradients, stage 3 also the parameters (Rajbhandari et al. 2020, "ZeRO",
+        sec. 5.1 and Fig. 1). fp32 training: 4 bytes per parameter, 4 per gradient, 8 of Adam moments. Mixed
+        precision (bf16): 2 + 4 (megatron reduces grads in fp32; deepspeed: 2) + 12 (fp32 master copy and
+        moments, the paper's K = 12)."""
+        if self.pp > 1:
+            psi = (params - 2 * embedding_params) / (self.tp * self.pp) + embedding_params / self.tp
+        else:
+            psi = params / self.tp
         dp = self.dp_size
         param_b, opt_b = (2, 12) if mixed_precision else (4, 8)
         grad_b = 2 if mixed_precision and self.engine == "deepspeed" else 4

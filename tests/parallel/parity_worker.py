@@ -32,11 +32,43 @@ ARCH = {
 }
 
 
-def build(tp: int = 1, sp: bool = False):
+EXPERTS = 4
+
+
+def build(tp: int = 1, sp: bool = False, moe: bool = False):
     from models.llama import build_model, resolve_arch
 
-    return build_model(
-        resolve_arch("llama3", "tiny", **ARCH), vocab_size=VOCAB, max_seq_length=SEQ, tp=tp, sp=sp
+    arch = resolve_arch("llama3", "tiny", **ARCH)
+    if not moe:
+        return build_model(arch, vocab_size=VOCAB, max_seq_length=SEQ, tp=tp, sp=sp)
+    # A Mixtral-style variant for EP parity until models/ has a MoE family: the Llama config with 4 experts,
+    # top-2, no load-balancing loss (its value would depend on how tokens are split across ranks).
+    import dataclasses
+
+    import megatron.core.models.gpt as gpt
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from models.llama import padded_vocab_size, transformer_config
+
+    config = dataclasses.replace(
+        transformer_config(arch, tp=tp, sp=sp),
+        num_moe_experts=EXPERTS,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=ARCH["ffn_hidden_size"] // 2,
+        moe_token_dispatcher_type="alltoall",
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_grouped_gemm=False,
+    )
+    return gpt.GPTModel(  # through the module attribute: the engine's pipeline-stage seam applies
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(
+            num_experts=EXPERTS, moe_grouped_gemm=False, normalization="RMSNorm"
+        ),
+        vocab_size=padded_vocab_size(VOCAB, tp),
+        max_sequence_length=SEQ,
+        position_embedding_type="rope",
+        rotary_base=int(arch.rope_theta),
     )
 
 
@@ -50,10 +82,10 @@ def global_batch(step: int) -> dict[str, torch.Tensor]:
     }
 
 
-def reference(path: str) -> None:
+def reference(path: str, *, moe: bool = False) -> None:
     """Single process, no engine: the numbers every layout must reproduce."""
     torch.manual_seed(0)
-    model = build()
+    model = build(moe=moe)
     init = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
     no_decay = [p for n, p in model.named_parameters() if p.ndim == 1 or n.endswith(".bias")]
@@ -114,7 +146,7 @@ def load_full(model, full: dict):
     offset = layer_offset(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(full_slice(name, p, full, offset))
+            p.copy_(full_slice(name, p, full, offset, EXPERTS))
     return model
 
 
@@ -134,7 +166,7 @@ def weight_error(modules: list, full: dict) -> tuple[float, float]:
             gather = deepspeed.zero.GatheredParameters([p for _, p in params])
         with gather, torch.no_grad():
             for name, p in params:
-                ref = full_slice(name, p, full, offset)
+                ref = full_slice(name, p, full, offset, EXPERTS)
                 diff = p.float() - ref
                 worst_rel = max(worst_rel, (diff.norm() / ref.norm()).item())
                 worst_abs = max(worst_abs, diff.abs().max().item())
@@ -157,13 +189,14 @@ def run_layout(spec: dict, ref: dict, *, scratch: str) -> dict:
 
     spec = dict(spec)
     resume_at = spec.pop("resume_at", None)
+    moe = spec.pop("moe", False)
     layout = ParallelLayout(nproc_per_node=dist.get_world_size(), micro_batch=MICRO, **spec)
     groups.init_model_parallel(layout, seed=1234, device=torch.device("cpu"))
 
     def fresh(init: dict):
         engine = build_engine(
             layout,
-            build_model=lambda: load_full(build(tp=layout.tp, sp=layout.sp), init),
+            build_model=lambda: load_full(build(tp=layout.tp, sp=layout.sp, moe=moe), init),
             optim=OptimSettings(
                 lr=LR, min_lr=LR, weight_decay=WD, betas=(0.9, 0.95), eps=1e-8, clip_grad=CLIP
             ),
@@ -206,14 +239,19 @@ def run_layout(spec: dict, ref: dict, *, scratch: str) -> dict:
     return out
 
 
+def moe_reference(path: str) -> str:
+    return os.path.splitext(path)[0] + ".moe.pt"
+
+
 def main() -> None:
     warnings.filterwarnings("ignore")
     ref_path, out_path, specs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    # MoE layouts ("moe": true) compare with the MoE reference, saved beside the dense one as <REF>.moe.pt.
     dist.init_process_group("gloo")
-    ref = torch.load(ref_path)
     results = {}
     for i, (name, spec) in enumerate(specs.items()):
         try:
+            ref = torch.load(moe_reference(ref_path) if spec.get("moe") else ref_path)
             results[name] = run_layout(spec, ref, scratch=os.path.join(os.path.dirname(out_path), f"ckpt{i}"))
         except Exception as e:  # one broken layout must not hide the others' numbers
             import traceback

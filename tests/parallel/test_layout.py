@@ -184,4 +184,18 @@ def test_model_state_bytes_follow_zero_stages():
     }
     assert per_rank == pytest.approx({0: 120.0, 1: 31.4, 2: 16.6, 3: 1.9}, abs=0.06)
     tp_pp = ParallelLayout(nproc_per_node=8, tp=2, pp=2, zero_stage=1).model_state_bytes(1000)
-    assert tp_pp == {"params": 1000.0, "grads": 1000.0, "optimizer": 1000.0}  # 250 params: 4, 4, 8/2 bytes each
+    assert tp_pp == {
+        "params": 1000.0,
+        "grads": 1000.0,
+        "optimizer": 1000.0,
+    }  # 250 params: 4, 4, 8/2 bytes each
+
+
+def test_pipeline_end_stages_hold_the_embeddings():
+    # 1000 parameters of which 2 x 100 are embedding and output layer: pp=4 -> 800/4 layers + 100 = 300 params.
+    layout = ParallelLayout(nproc_per_node=4, pp=4, zero_stage=0)
+    assert layout.model_state_bytes(1000, embedding_params=100) == {
+        "params": 1200.0,
+        "grads": 1200.0,
+        "optimizer": 2400.0,
+    }

@@ -42,12 +42,17 @@ TWO = {
     # Saved after step 2 by train/checkpoint.py, loaded into a fresh engine (zeroed weights), trained on.
     "pp2 + vpp2, resumed from a checkpoint": {"pp": 2, "vpp": 2, "resume_at": 2},
     "deepspeed zero-3, resumed from a checkpoint": {"engine": "deepspeed", "zero_stage": 3, "resume_at": 2},
+    # MoE (4 experts, top-2; against a MoE reference).
+    "moe ep2": {"moe": True, "ep": 2},
+    "moe tp2 + sp x ep2": {"moe": True, "tp": 2, "sp": True, "ep": 2},
 }
 FOUR = {
     "pp4": {"pp": 4},
     "tp2 x pp2": {"tp": 2, "pp": 2},
     "tp2 + sp x dp2 + distributed optimizer": {"tp": 2, "sp": True},
     "deepspeed zero-3 dp4": {"engine": "deepspeed", "zero_stage": 3},
+    "moe tp2 + sp x ep2 x etp2": {"moe": True, "tp": 2, "sp": True, "ep": 2, "etp": 2},
+    "moe pp2 x ep2": {"moe": True, "pp": 2, "ep": 2},
 }
 
 
@@ -55,6 +60,7 @@ FOUR = {
 def reference(tmp_path_factory, megatron_world1) -> str:
     path = str(tmp_path_factory.mktemp("parity") / "reference.pt")
     W.reference(path)
+    W.reference(W.moe_reference(path), moe=True)
     return path
 
 
@@ -71,21 +77,27 @@ def launch(nproc: int, layouts: dict, reference: str, out: str) -> dict:
 
 
 def check(results: dict, layouts: dict, reference: str, nproc: int) -> None:
-    ref = torch.load(reference)
-    params = sum(v.numel() for v in ref["init"].values())
     assert sorted(results) == sorted(layouts)
     for name, got in results.items():
-        # The largest rank's measured bytes against the layout's ZeRO formula (within 5%).
-        spec = {k: v for k, v in layouts[name].items() if k != "resume_at"}
-        expected = ParallelLayout(nproc_per_node=nproc, **spec).model_state_bytes(params)
-        for key in ("params", "grads", "optimizer"):
-            if f"{key}_bytes" in got:
-                assert got[f"{key}_bytes"] == pytest.approx(expected[key], rel=0.05), (name, key)
+        moe = layouts[name].get("moe", False)
+        ref = torch.load(W.moe_reference(reference) if moe else reference)
+        params = sum(v.numel() for v in ref["init"].values())
         assert "error" not in got, f"{name}: {got.get('error')}"
         assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5), name
         assert got["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-5), name
-        assert got["weight_rel"] <= 1e-5, (name, got["weight_rel"])
-        assert got["weight_max_abs"] <= 2e-5, (name, got["weight_max_abs"])
+        # MoE: experts that see few tokens have more gradient elements near Adam's eps (measured <= 1.9e-5).
+        assert got["weight_rel"] <= (5e-5 if moe else 1e-5), (name, got["weight_rel"])
+        assert got["weight_max_abs"] <= (5e-5 if moe else 2e-5), (name, got["weight_max_abs"])
+        if moe:
+            continue  # the ZeRO formula below does not model expert sharding
+        # The largest rank's measured bytes against the layout's ZeRO formula (within 5%).
+        spec = {k: v for k, v in layouts[name].items() if k != "resume_at"}
+        expected = ParallelLayout(nproc_per_node=nproc, **spec).model_state_bytes(
+            params, embedding_params=W.VOCAB * W.ARCH["hidden_size"]
+        )
+        for key in ("params", "grads", "optimizer"):
+            if f"{key}_bytes" in got:
+                assert got[f"{key}_bytes"] == pytest.approx(expected[key], rel=0.05), (name, key)
 
 
 def test_reference_trains_and_clips(reference):
