@@ -152,3 +152,21 @@ def test_cli_dry_run_prints_and_writes_nothing(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert bad.returncode == 2 and "kiln plan: plan.flops='1e+10'" in bad.stderr
+
+
+def test_plan_with_a_fitted_law(tmp_path):
+    import json
+
+    from parallel.plan.laws import EPOCH
+
+    law = {"E": 2.0, "A": 300.0, "B": 1500.0, "alpha": 0.32, "beta": 0.34}
+    (tmp_path / "fit.json").write_text(json.dumps({"parametric": law}))
+    p = plan(PlanConfig(flops=1e21, fitted_law=str(tmp_path / "fit.json"), nodes=2), **H100)
+    n_star, _ = type(EPOCH)(**law).optimal(1e21)
+    assert p.sizing.n_params == pytest.approx(n_star, rel=1e-12) and p.sizing.law.startswith("fitted")
+    assert p.params.total == pytest.approx(n_star, rel=0.02)
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(
+        ConfigError, match="plan.fitted_law=.*need a fit.json from `python -m parallel.plan.fit`"
+    ):
+        plan(PlanConfig(flops=1e21, fitted_law=str(tmp_path / "bad.json")), **H100)
