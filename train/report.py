@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from models.llama import build_model
+from models.gpt import build_model
 from train import checkpoint
 from train.config import TrainConfig
 
@@ -15,12 +15,11 @@ def greedy_sample(cfg: TrainConfig, last, *, run, tokenizer) -> str:
     """Greedy continuation of `cfg.sample_prompt` by the final checkpoint (all ranks take part)."""
     stage = cfg.recipe.stages[last.stage]
     model = build_model(
-        cfg.model.arch(),
+        stage.arch(cfg.model.arch()),
         vocab_size=run.vocab_size,
         max_seq_length=stage.seq_length,
         tp=cfg.parallel.tp,
         sp=False,
-        rope_scaling_factor=stage.rope_scaling_factor,
     ).to(run.device)
     checkpoint.load(last.checkpoint, model=model)
     model.eval()
