@@ -209,6 +209,9 @@ class RecipeConfig:
     """Name of the recipe; the default run name."""
     stages: dict[str, StageConfig] = field(default_factory=dict)
     """Stages in the order they run (configs/stage/*.yaml, overridden by the recipe)."""
+    flops: float | None = None
+    """IsoFLOP sweeps: the training budget (FLOPs, C = 6ND) the stages' tokens are sized for
+    (configs/recipe/isoflop_sweep.yaml); recorded with the run's N, D and loss in scaling.json."""
 
 
 # -------------------------------------------------------------------------------------------- logging
@@ -373,6 +376,9 @@ class TrainConfig:
 
 def register() -> None:
     ConfigStore.instance().store(name="kiln_schema", node=TrainConfig)
+    from parallel.plan.sweep import register_resolvers  # ${isoflop_tokens:...} of the sweep recipe
+
+    register_resolvers()
 
 
 def to_config(cfg: DictConfig) -> TrainConfig:

@@ -96,5 +96,9 @@ def _run(cfg: TrainConfig, device: torch.device) -> list[StageResult]:
         report = format_report(cfg, results, sample=sample)
         with open(os.path.join(cfg.run_dir, "report.md"), "w") as f:
             f.write(report + "\n")
+        # N, D, C and the final loss for scaling-law fits (python -m parallel.plan.fit).
+        from parallel.plan.sweep import write_record
+
+        write_record(cfg, results, vocab_size=padded_vocab_size(tokenizer.vocab_size, cfg.parallel.tp))
         print(report, flush=True)  # the job's product on stdout
     return results
