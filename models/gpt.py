@@ -82,9 +82,10 @@ def build_model(
     2023); it changes no weights, so a checkpoint loads either way. The vocabulary is padded for TP."""
     from megatron.core import parallel_state
 
-    from parallel.fixes import apply_megatron_fixes, fix_mla_kpos_grad
+    from parallel.fixes import apply_megatron_fixes, fix_mla_kpos_grad, fix_moe_mla_without_te
 
     apply_megatron_fixes()
+    fix_moe_mla_without_te()
     if arch.mla is not None:
         fix_mla_kpos_grad()
     if rope_scaling_factor != 1.0:
