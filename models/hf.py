@@ -248,9 +248,11 @@ def _rope_from_hf(cfg: dict) -> tuple[float, RopeScaling]:
             "config.json rope_scaling.rope_type", kind, "supported: linear, dynamic, yarn, llama3"
         )
     fields = dict(kind=kind, factor=float(params.get("factor", 1.0)))
-    if "original_max_position_embeddings" in params:
+    if kind == "dynamic":  # HF's dynamic NTK grows the base past max_position_embeddings
+        fields["original_context"] = int(cfg.get("max_position_embeddings", 8192))
+    elif "original_max_position_embeddings" in params:
         fields["original_context"] = int(params["original_max_position_embeddings"])
-    elif kind in ("dynamic", "yarn"):
+    elif kind == "yarn":
         fields["original_context"] = int(cfg.get("max_position_embeddings", 8192))
     for ours, theirs in (
         ("low_freq_factor",) * 2,
@@ -280,7 +282,10 @@ def hf_config(arch: Arch, *, family: str, vocab_size: int) -> dict:
         "num_attention_heads": arch.num_attention_heads,
         "num_key_value_heads": arch.num_kv_heads,
         "head_dim": arch.head_dim,
-        "max_position_embeddings": arch.max_position_embeddings,
+        # HF's dynamic NTK takes the original context from max_position_embeddings.
+        "max_position_embeddings": arch.rope.original_context
+        if arch.rope.kind == "dynamic"
+        else arch.max_position_embeddings,
         "rms_norm_eps": arch.norm_eps,
         "rope_theta": arch.rope_theta,
         "rope_scaling": _rope_to_hf(arch.rope),
