@@ -94,7 +94,7 @@ def build_model(
     config = transformer_config(arch, tp=tp, sp=sp, ep=ep, etp=etp, pp=pp, vpp=vpp, dtype=dtype)
     pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage) if pp > 1 else True
     post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage) if pp > 1 else True
-    return KilnGPTModel(
+    model = KilnGPTModel(
         arch=arch,
         config=config,
         transformer_layer_spec=block_spec(arch, config, vp_stage=vp_stage),
@@ -108,3 +108,8 @@ def build_model(
         share_embeddings_and_output_weights=arch.tie_embeddings,
         vp_stage=vp_stage,
     )
+    if arch.moe is not None:
+        from models.moe import track_expert_load
+
+        track_expert_load(model)
+    return model
