@@ -40,10 +40,10 @@ class KilnGPTModel(GPTModel):
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Per-token cross-entropy (batch, seq), + z_loss_coeff * logsumexp(logits)^2 (Chowdhery et al. 2022,
         sec. 5), the log-normalizer summed over the vocab shards of all tensor-parallel ranks."""
+        # Before the cross-entropy: megatron's vocab-parallel CE shifts the logits in place.
+        extra = self.arch.z_loss_coeff * z_loss(logits).transpose(0, 1) if self.arch.z_loss_coeff else None
         loss = super().compute_language_model_loss(labels, logits)
-        if self.arch.z_loss_coeff:
-            loss = loss + self.arch.z_loss_coeff * z_loss(logits).transpose(0, 1)
-        return loss
+        return loss if extra is None else loss + extra
 
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
