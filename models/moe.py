@@ -52,6 +52,7 @@ def track_expert_load(model) -> int:
 
 def load_summary(counts: torch.Tensor) -> tuple[float, float, float]:
     """(min share x E, max share x E, entropy / log E) of per-expert token counts."""
+    counts = counts.double()
     e = counts.numel()
     total = counts.sum()
     if total <= 0:

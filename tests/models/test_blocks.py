@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
+from models.arch import RopeScaling
 from models.blocks import CoreAttention, RMSNorm
 from models.gpt import build_model, z_loss
 from models.registry import resolve_arch
 from models.rope import inv_freq, yarn_mscale
-from models.arch import RopeScaling
 
 
 class _Cfg:
@@ -88,7 +88,9 @@ def test_z_loss_and_final_softcap(megatron_world1):
     torch.testing.assert_close(with_z - without, 1e-2 * logits.logsumexp(-1) ** 2)
     torch.testing.assert_close(z_loss(logits.transpose(0, 1)), logits.logsumexp(-1).transpose(0, 1) ** 2)
 
-    capped = build_model(resolve_arch("llama3", "debug", final_softcap=0.5), vocab_size=256, max_seq_length=16).eval()
+    capped = build_model(
+        resolve_arch("llama3", "debug", final_softcap=0.5), vocab_size=256, max_seq_length=16
+    ).eval()
     capped.load_state_dict(plain.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(capped(tokens, pos, None), 0.5 * torch.tanh(logits / 0.5))
