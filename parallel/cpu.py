@@ -95,7 +95,10 @@ def _cuda_factories() -> None:
 
 
 class _NoStream:
-    """Stands in for torch.cuda.Stream/Event: CPU ops are synchronous, so waiting is a no-op."""
+    """Stands in for torch.cuda.Stream/Event: CPU ops are synchronous, so waiting is a no-op. A class, not a
+    lambda, so annotations like `torch.cuda.Stream | None` (transformers) still evaluate."""
+
+    def __init__(self, *a, **k): ...
 
     def wait_stream(self, *a, **k): ...
     def wait_event(self, *a, **k): ...
@@ -113,8 +116,8 @@ def _cuda_streams() -> None:
     # torch.cuda.synchronize() in p2p and the checkpoint writer; streams/events in DDP and MoE dispatch.
     stream = _NoStream()
     torch.cuda.synchronize = lambda *a, **k: None
-    torch.cuda.Stream = lambda *a, **k: _NoStream()
-    torch.cuda.Event = lambda *a, **k: _NoStream()
+    torch.cuda.Stream = _NoStream
+    torch.cuda.Event = _NoStream
     torch.cuda.current_stream = lambda *a, **k: stream
     torch.cuda.stream = lambda s=None: contextlib.nullcontext()
 
