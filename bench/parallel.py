@@ -111,7 +111,8 @@ def bench_layout(spec: dict, *, steps: int, device) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from models.llama import build_model, resolve_arch
+    from models.gpt import build_model
+    from models.registry import resolve_arch
     from parallel import engine as groups
     from parallel.engines import OptimSettings, build_engine
     from parallel.layout import ParallelLayout
@@ -125,8 +126,8 @@ def bench_layout(spec: dict, *, steps: int, device) -> dict:
     arch = resolve_arch("llama3", "tiny", **ARCH)
     engine = build_engine(
         layout,
-        build_model=lambda: build_model(
-            arch, vocab_size=VOCAB, max_seq_length=SEQ, tp=layout.tp, sp=layout.sp, dtype=dtype
+        build_model=lambda **kw: build_model(
+            arch, vocab_size=VOCAB, max_seq_length=SEQ, tp=layout.tp, sp=layout.sp, dtype=dtype, **kw
         ),
         optim=OptimSettings(
             lr=1e-3, min_lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, clip_grad=1.0

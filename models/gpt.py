@@ -76,10 +76,12 @@ def build_model(
     vp_stage: int | None = None,
     rope_scaling_factor: float = 1.0,
     dtype: torch.dtype = torch.float32,
+    config_overrides: dict | None = None,
 ) -> KilnGPTModel:
     """A megatron-core GPTModel for `arch` at this layout (this pipeline stage's layers; `vp_stage` for interleaved
     PP). `rope_scaling_factor` > 1 switches RoPE to linear position interpolation (a long-context stage, Chen et al.
-    2023); it changes no weights, so a checkpoint loads either way. The vocabulary is padded for TP."""
+    2023); it changes no weights, so a checkpoint loads either way. The vocabulary is padded for TP.
+    `config_overrides`: TransformerConfig fields the engine sets (recompute, pipeline p2p; parallel/engines/)."""
     from megatron.core import parallel_state
 
     from parallel.fixes import apply_megatron_fixes, fix_mla_kpos_grad, fix_moe_mla_without_te
@@ -92,6 +94,8 @@ def build_model(
         arch = dataclasses.replace(arch, rope=RopeScaling(kind="linear", factor=rope_scaling_factor))
     arch.validate(max_seq_length=max_seq_length)
     config = transformer_config(arch, tp=tp, sp=sp, ep=ep, etp=etp, pp=pp, vpp=vpp, dtype=dtype)
+    if config_overrides:
+        config = dataclasses.replace(config, **config_overrides)
     pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage) if pp > 1 else True
     post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage) if pp > 1 else True
     model = KilnGPTModel(

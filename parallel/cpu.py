@@ -158,26 +158,6 @@ def _sp_norm() -> None:
     torch_norm.WrappedTorchNorm.__new__ = __new__
 
 
-def _moe_te_names() -> None:
-    # megatron-core 0.16.1 binds te_general_gemm & fused_* only when TransformerEngine imports; the MoE router
-    # then tests `te_general_gemm is not None` -> NameError. Bind the missing names to None.
-    import megatron.core.transformer.moe.moe_utils as MU
-
-    for name in (
-        "te_general_gemm",
-        "fused_compute_score_for_moe_aux_loss",
-        "fused_moe_aux_loss",
-        "fused_permute",
-        "fused_permute_with_probs",
-        "fused_sort_chunks_by_index",
-        "fused_sort_chunks_by_index_with_probs",
-        "fused_topk_with_score_function",
-        "fused_unpermute",
-    ):
-        if not hasattr(MU, name):
-            setattr(MU, name, None)
-
-
 def _moe_splits() -> None:
     # The alltoall dispatcher turns split sizes into numpy only for CUDA tensors; all_to_all_single refuses
     # CPU tensors as split sizes. Convert CPU tensors too.
@@ -234,7 +214,6 @@ SHIMS = {
     "cuda_streams": _cuda_streams,
     "type_strings": _type_strings,
     "sp_norm": _sp_norm,
-    "moe_te_names": _moe_te_names,
     "moe_splits": _moe_splits,
     "gloo_uneven": _gloo_uneven,
 }
@@ -269,7 +248,6 @@ def check() -> dict[str, bool]:
         else "torch.cuda.FloatTensor" not in CG.clip_grad_by_total_norm_fp32.__code__.co_consts,
         "sp_norm": "__new__" in vars(torch_norm.WrappedTorchNorm)
         and vars(torch_norm.WrappedTorchNorm)["__new__"].__module__ == __name__,
-        "moe_te_names": MU.te_general_gemm is None,
         "moe_splits": type(MU.maybe_move_tensor_to_cpu(torch.tensor([1, 2]), as_numpy=True)).__name__
         == "ndarray",
         "gloo_uneven": getattr(dist.all_gather, "kiln_shim", False)

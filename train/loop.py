@@ -111,13 +111,14 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
     # The engine (layout.engine) cuts the model into its stages, wraps it and owns the optimizer.
     engine = build_engine(
         layout,
-        build_model=lambda: build_model(
+        build_model=lambda **engine_kwargs: build_model(
             stage.arch(cfg.model.arch()),
             vocab_size=run.vocab_size,
             max_seq_length=stage.seq_length,
             tp=layout.tp,
             sp=layout.sp,
             dtype=dtype,
+            **engine_kwargs,
         ),
         optim=OptimSettings(
             lr=peak_lr,

@@ -54,15 +54,16 @@ def token_loss(losses: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
 def build_engine(
     layout: ParallelLayout,
     *,
-    build_model: Callable[[], torch.nn.Module],
+    build_model: Callable[..., torch.nn.Module],
     optim: OptimSettings,
     device: torch.device,
     dtype: torch.dtype,
     grad_accum: int,
 ):
-    """The engine of `layout.engine`. `build_model()` returns the whole single-device model (a megatron-core
-    GPTModel built for the layout's tp/sp); engines cut it into pipeline stages themselves. `grad_accum` is the
-    number of micro-batches per optimizer step on each data-parallel rank."""
+    """The engine of `layout.engine`. `build_model(**kwargs)` builds the model for the layout's tp/sp and passes
+    the engine's keyword arguments (pp, vpp, vp_stage, ep, etp, config_overrides) on to `models.gpt.build_model`,
+    once per pipeline chunk of this rank. `grad_accum` is the number of micro-batches per optimizer step on each
+    data-parallel rank."""
     if layout.engine == "megatron":
         from parallel.engines.megatron import MegatronEngine
 

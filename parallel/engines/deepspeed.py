@@ -82,7 +82,7 @@ class DeepSpeedEngine:
         self,
         layout: ParallelLayout,
         *,
-        build_model: Callable[[], torch.nn.Module],
+        build_model: Callable[..., torch.nn.Module],
         optim: OptimSettings,
         device: torch.device,
         dtype: torch.dtype,
@@ -90,7 +90,9 @@ class DeepSpeedEngine:
     ) -> None:
         deepspeed = import_deepspeed(device)
         self.layout, self.device, self.grad_accum = layout, device, grad_accum
-        model = build_model().to(device)
+        from parallel.engines.megatron import config_overrides
+
+        model = build_model(config_overrides=config_overrides(layout, dtype=dtype, device=device)).to(device)
         adamw = torch.optim.AdamW(
             param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps
         )

@@ -7,8 +7,6 @@ AdamW through megatron-core's optimizer, and micro-batches driven by `get_forwar
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -23,23 +21,17 @@ from train.checkpoint import MegatronState
 log = logging.getLogger(__name__)
 
 
-def config_overrides(layout: ParallelLayout, config, *, device: torch.device) -> dict:
-    """TransformerConfig fields the layout sets on top of the model's own config."""
+def config_overrides(layout: ParallelLayout, *, dtype: torch.dtype, device: torch.device) -> dict:
+    """TransformerConfig fields the engine sets on top of the model's config for this layout (the model code
+    already takes tp/sp/pp/vpp/ep/etp)."""
     out: dict = {}
     if layout.pp > 1:
-        out.update(pipeline_model_parallel_size=layout.pp, pipeline_dtype=config.params_dtype)
-    if layout.vpp > 1:
-        # Derived from pp in __post_init__ when unset; the model's own config (pp = 1) already set it to 1.
-        out.update(
-            virtual_pipeline_model_parallel_size=layout.vpp, microbatch_group_size_per_vp_stage=layout.pp
-        )
+        out["pipeline_dtype"] = dtype  # the dtype of activations sent between stages
     if device.type == "cpu":
         # Batched p2p on gloo gives wrong numbers under the interleaved schedule (ENGINES-CPU.md, wrong case 1).
         out["batch_p2p_comm"] = False
     if layout.cp > 1:
         out["context_parallel_size"] = layout.cp
-    if getattr(config, "num_moe_experts", None):
-        out.update(expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.etp)
     if layout.recompute == "selective":
         # Recompute core attention only: the activations that grow with seq^2 (Korthikanti et al. 2022, sec. 5).
         out["recompute_granularity"] = "selective"
@@ -48,47 +40,36 @@ def config_overrides(layout: ParallelLayout, config, *, device: torch.device) ->
     return out
 
 
-@contextlib.contextmanager
-def model_stage(*, pre_process: bool, post_process: bool, vp_stage: int | None, overrides: Callable):
-    """While active, a GPTModel built by the model code (models/) is built as one pipeline stage: the stage
-    flags and virtual stage go to its constructor and `overrides(config)` onto its TransformerConfig. The seam
-    keeps model code free of distribution (CONVENTIONS 2) until the model factories take these arguments."""
-    import megatron.core.models.gpt as gpt
-
-    real = gpt.GPTModel
-
-    def stage_model(*args, config, **kwargs):
-        config = dataclasses.replace(config, **overrides(config))
-        kwargs.update(pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
-        return real(*args, config=config, **kwargs)
-
-    gpt.GPTModel = stage_model
-    try:
-        yield
-    finally:
-        gpt.GPTModel = real
+def stage_kwargs(
+    layout: ParallelLayout, *, vp_stage: int | None, dtype: torch.dtype, device: torch.device
+) -> dict:
+    """What the model factory (models.gpt.build_model) needs to build this rank's part of the model."""
+    return {
+        "pp": layout.pp,
+        "vpp": layout.vpp if layout.vpp > 1 else None,
+        "vp_stage": vp_stage,
+        "ep": layout.ep,
+        "etp": layout.etp,
+        "config_overrides": config_overrides(layout, dtype=dtype, device=device),
+    }
 
 
 def build_chunks(
-    layout: ParallelLayout, build_model: Callable[[], torch.nn.Module], *, device: torch.device
+    layout: ParallelLayout,
+    build_model: Callable[..., torch.nn.Module],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> list[torch.nn.Module]:
     """This rank's model chunks: one per virtual stage (one when vpp = 1)."""
-    from megatron.core import parallel_state as ps
-
     chunks = []
     for vp in range(layout.vpp):
-        vp_stage = vp if layout.vpp > 1 else None
-        with model_stage(
-            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-            vp_stage=vp_stage,
-            overrides=lambda config: config_overrides(layout, config, device=device),
-        ):
-            chunk = build_model()
+        stage = stage_kwargs(layout, vp_stage=vp if layout.vpp > 1 else None, dtype=dtype, device=device)
+        chunk = build_model(**stage)
         if chunk.config.pipeline_model_parallel_size != layout.pp:
             raise RuntimeError(
-                "the model factory did not build a pipeline stage (it must construct "
-                "megatron.core.models.gpt.GPTModel at call time); pipeline parallelism cannot run"
+                f"the model factory built a model for pp={chunk.config.pipeline_model_parallel_size}, the layout "
+                f"has pp={layout.pp}: it must pass the engine's keyword arguments on to models.gpt.build_model"
             )
         chunks.append(chunk.to(device))
     return chunks
@@ -117,13 +98,13 @@ class MegatronEngine:
         self,
         layout: ParallelLayout,
         *,
-        build_model: Callable[[], torch.nn.Module],
+        build_model: Callable[..., torch.nn.Module],
         optim: OptimSettings,
         device: torch.device,
         dtype: torch.dtype,
     ) -> None:
         self.layout, self.device = layout, device
-        self.modules = build_chunks(layout, build_model, device=device)
+        self.modules = build_chunks(layout, build_model, dtype=dtype, device=device)
         wrapped = self.modules
         if dtype != torch.float32:
             from megatron.core.transformer.module import Float16Module

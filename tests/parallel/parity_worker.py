@@ -35,41 +35,18 @@ ARCH = {
 EXPERTS = 4
 
 
-def build(tp: int = 1, sp: bool = False, moe: bool = False):
-    from models.llama import build_model, resolve_arch
+def build(tp: int = 1, sp: bool = False, moe: bool = False, **engine_kwargs):
+    """The parity model (models.gpt.build_model); `moe`: the same with 4 experts, top-2, no load-balancing loss
+    (its value would depend on how tokens are split across ranks). `engine_kwargs` come from the engine."""
+    from models.gpt import build_model
+    from models.registry import resolve_arch
 
-    arch = resolve_arch("llama3", "tiny", **ARCH)
-    if not moe:
-        return build_model(arch, vocab_size=VOCAB, max_seq_length=SEQ, tp=tp, sp=sp)
-    # A Mixtral-style variant for EP parity until models/ has a MoE family: the Llama config with 4 experts,
-    # top-2, no load-balancing loss (its value would depend on how tokens are split across ranks).
-    import dataclasses
-
-    import megatron.core.models.gpt as gpt
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-    from models.llama import padded_vocab_size, transformer_config
-
-    config = dataclasses.replace(
-        transformer_config(arch, tp=tp, sp=sp),
-        num_moe_experts=EXPERTS,
-        moe_router_topk=2,
-        moe_ffn_hidden_size=ARCH["ffn_hidden_size"] // 2,
-        moe_token_dispatcher_type="alltoall",
-        moe_router_load_balancing_type="none",
-        moe_aux_loss_coeff=0.0,
-        moe_grouped_gemm=False,
-    )
-    return gpt.GPTModel(  # through the module attribute: the engine's pipeline-stage seam applies
-        config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(
-            num_experts=EXPERTS, moe_grouped_gemm=False, normalization="RMSNorm"
-        ),
-        vocab_size=padded_vocab_size(VOCAB, tp),
-        max_sequence_length=SEQ,
-        position_embedding_type="rope",
-        rotary_base=int(arch.rope_theta),
-    )
+    overrides = dict(ARCH)
+    if moe:
+        experts = {"num_experts": EXPERTS, "top_k": 2, "ffn_hidden_size": ARCH["ffn_hidden_size"] // 2}
+        overrides["moe"] = {**experts, "aux_loss_coeff": 0.0}
+    arch = resolve_arch("mixtral" if moe else "llama3", "tiny", **overrides)
+    return build_model(arch, vocab_size=VOCAB, max_seq_length=SEQ, tp=tp, sp=sp, **engine_kwargs)
 
 
 def global_batch(step: int) -> dict[str, torch.Tensor]:
@@ -196,7 +173,7 @@ def run_layout(spec: dict, ref: dict, *, scratch: str) -> dict:
     def fresh(init: dict):
         engine = build_engine(
             layout,
-            build_model=lambda: load_full(build(tp=layout.tp, sp=layout.sp, moe=moe), init),
+            build_model=lambda **kw: load_full(build(tp=layout.tp, sp=layout.sp, moe=moe, **kw), init),
             optim=OptimSettings(
                 lr=LR, min_lr=LR, weight_decay=WD, betas=(0.9, 0.95), eps=1e-8, clip_grad=CLIP
             ),

@@ -13,36 +13,37 @@ def test_world_of_one_leaves_no_torchrun_variables_for_children(megatron_world1)
     assert not {"WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"} & set(os.environ)
 
 
-def test_megatron_config_overrides_follow_the_layout():
-    from types import SimpleNamespace
-
+def test_megatron_model_kwargs_follow_the_layout():
     import torch
 
-    from parallel.engines.megatron import config_overrides
+    from parallel.engines.megatron import config_overrides, stage_kwargs
     from parallel.layout import ParallelLayout
 
-    dense = SimpleNamespace(params_dtype=torch.float32, num_moe_experts=None)
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    assert config_overrides(ParallelLayout(nproc_per_node=1), dense, device=gpu) == {}
-    # Interleaved PP: virtual stages, and the micro-batch group size __post_init__ derived from pp = 1 before.
-    assert config_overrides(
-        ParallelLayout(nproc_per_node=2, pp=2, vpp=2, recompute="full"), dense, device=cpu
-    ) == {
-        "pipeline_model_parallel_size": 2,
-        "pipeline_dtype": torch.float32,
-        "virtual_pipeline_model_parallel_size": 2,
-        "microbatch_group_size_per_vp_stage": 2,
-        "batch_p2p_comm": False,  # gloo: batched p2p gives wrong numbers (ENGINES-CPU.md)
-        "recompute_granularity": "full",
-        "recompute_method": "uniform",
-        "recompute_num_layers": 1,
+    assert config_overrides(ParallelLayout(nproc_per_node=1), dtype=torch.bfloat16, device=gpu) == {}
+    layout = ParallelLayout(nproc_per_node=2, pp=2, vpp=2, recompute="full")
+    assert stage_kwargs(layout, vp_stage=1, dtype=torch.float32, device=cpu) == {
+        "pp": 2,
+        "vpp": 2,
+        "vp_stage": 1,
+        "ep": 1,
+        "etp": 1,
+        "config_overrides": {
+            "pipeline_dtype": torch.float32,
+            "batch_p2p_comm": False,  # gloo: batched p2p gives wrong numbers (ENGINES-CPU.md)
+            "recompute_granularity": "full",
+            "recompute_method": "uniform",
+            "recompute_num_layers": 1,
+        },
     }
-    moe = SimpleNamespace(params_dtype=torch.bfloat16, num_moe_experts=8)
-    layout = ParallelLayout(nproc_per_node=4, tp=2, sp=True, ep=2, etp=2, recompute="selective")
-    assert config_overrides(layout, moe, device=gpu) == {
-        "expert_model_parallel_size": 2,
-        "expert_tensor_parallel_size": 2,
-        "recompute_granularity": "selective",
+    moe = ParallelLayout(nproc_per_node=4, tp=2, sp=True, ep=2, etp=2, recompute="selective")
+    assert stage_kwargs(moe, vp_stage=None, dtype=torch.bfloat16, device=gpu) == {
+        "pp": 1,
+        "vpp": None,
+        "vp_stage": None,
+        "ep": 2,
+        "etp": 2,
+        "config_overrides": {"recompute_granularity": "selective"},
     }
 
 
