@@ -139,6 +139,7 @@ def transformer_config(
         tensor_model_parallel_size=tp,
         sequence_parallel=sp,
         pipeline_model_parallel_size=pp,
+        pipeline_dtype=dtype,  # required with pp > 1: the dtype of activations sent between stages
         virtual_pipeline_model_parallel_size=vpp,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,

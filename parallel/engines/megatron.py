@@ -25,8 +25,6 @@ def config_overrides(layout: ParallelLayout, *, dtype: torch.dtype, device: torc
     """TransformerConfig fields the engine sets on top of the model's config for this layout (the model code
     already takes tp/sp/pp/vpp/ep/etp)."""
     out: dict = {}
-    if layout.pp > 1:
-        out["pipeline_dtype"] = dtype  # the dtype of activations sent between stages
     if device.type == "cpu":
         # Batched p2p on gloo gives wrong numbers under the interleaved schedule (ENGINES-CPU.md, wrong case 1).
         out["batch_p2p_comm"] = False

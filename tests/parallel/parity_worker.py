@@ -127,12 +127,14 @@ def load_full(model, full: dict):
     return model
 
 
-def weight_error(modules: list, full: dict) -> tuple[float, float]:
+def weight_error(modules: list, full: dict) -> tuple[float, float, float]:
     """Over every local weight (all ranks): the largest relative error ||w - w_ref|| / ||w_ref|| of a tensor
-    (its slice), and the largest elementwise |w - w_ref|."""
+    (its slice), the largest elementwise |w - w_ref|, and the largest fraction of a tensor's elements off by
+    more than 1e-6 (a real error, e.g. a missing all-reduce, moves nearly all elements of the tensors it hits;
+    Adam's amplification of last-bit gradient differences moves isolated ones)."""
     import contextlib
 
-    worst_rel, worst_abs = 0.0, 0.0
+    worst_rel, worst_abs, worst_frac = 0.0, 0.0, 0.0
     for m in modules:
         offset = layer_offset(m)
         params = list(m.named_parameters())
@@ -146,10 +148,17 @@ def weight_error(modules: list, full: dict) -> tuple[float, float]:
                 ref = full_slice(name, p, full, offset, EXPERTS)
                 diff = p.float() - ref
                 worst_rel = max(worst_rel, (diff.norm() / ref.norm()).item())
+                if os.environ.get("PARITY_DETAIL") and (diff.norm() / ref.norm()).item() > 1e-5:
+                    print(
+                        f"  {name}: rel {(diff.norm() / ref.norm()).item():.2e} max {diff.abs().max().item():.2e} "
+                        f"n>1e-6 {(diff.abs() > 1e-6).sum().item()} of {diff.numel()}",
+                        flush=True,
+                    )
                 worst_abs = max(worst_abs, diff.abs().max().item())
-    t = torch.tensor([worst_rel, worst_abs])
+                worst_frac = max(worst_frac, (diff.abs() > 1e-6).float().mean().item())
+    t = torch.tensor([worst_rel, worst_abs, worst_frac])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t[0].item(), t[1].item()
+    return t[0].item(), t[1].item(), t[2].item()
 
 
 # --------------------------------------------------------------------------------- one layout
@@ -203,8 +212,14 @@ def run_layout(spec: dict, ref: dict, *, scratch: str) -> dict:
         losses.append(engine.forward_backward(micro, seq_length=SEQ))
         norms.append(engine.step())
         scheduler.step(increment=1)
-    rel, max_abs = weight_error(engine.modules, ref["final"])
-    out = {"losses": losses, "grad_norms": norms, "weight_rel": rel, "weight_max_abs": max_abs}
+    rel, max_abs, frac = weight_error(engine.modules, ref["final"])
+    out = {
+        "losses": losses,
+        "grad_norms": norms,
+        "weight_rel": rel,
+        "weight_max_abs": max_abs,
+        "weight_frac": frac,
+    }
     sizes = engine.state_bytes()
     for key in ("params", "grads", "optimizer"):  # the largest rank's bytes
         if sizes[key] is not None:

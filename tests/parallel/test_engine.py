@@ -29,7 +29,6 @@ def test_megatron_model_kwargs_follow_the_layout():
         "ep": 1,
         "etp": 1,
         "config_overrides": {
-            "pipeline_dtype": torch.float32,
             "batch_p2p_comm": False,  # gloo: batched p2p gives wrong numbers (ENGINES-CPU.md)
             "recompute_granularity": "full",
             "recompute_method": "uniform",

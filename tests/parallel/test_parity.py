@@ -4,11 +4,12 @@ when training is interrupted by a checkpoint save and a load into a fresh engine
 of parameters, gradients and optimizer state equal `ParallelLayout.model_state_bytes` (the ZeRO formulas) within
 5%.
 
-Tolerances: losses and gradient norms 1e-5 relative (measured <= 2e-7: summation order only). Final weights:
-||w - w_ref|| / ||w_ref|| <= 1e-5 per tensor (measured <= 4e-6), and every element within 2e-5 (measured
-<= 8e-6): where a gradient element is near Adam's eps, Adam turns last-bit differences of the gradient (another
-reduction order) into update differences of up to ~lr*3e-3 at a handful of elements; bitwise equality is not
-a property any of these layouts has.
+Tolerances: losses and gradient norms 1e-5 relative (measured <= 2e-6: summation order only). Final weights:
+||w - w_ref|| / ||w_ref|| <= 1e-5 per tensor (measured <= 5e-6), and every element within 2e-5 (measured
+<= 9e-6): where a gradient element is near Adam's eps, Adam turns last-bit differences of the gradient (another
+reduction order) into update differences of up to ~lr*1e-2 at a handful of elements; bitwise equality is not
+a property any of these layouts has. So also: no tensor may have more than 5% of its elements off by > 1e-6
+(measured <= 1.3%), which a real error (a missing all-reduce, a wrong shard) would break.
 """
 
 from __future__ import annotations
@@ -85,9 +86,11 @@ def check(results: dict, layouts: dict, reference: str, nproc: int) -> None:
         assert "error" not in got, f"{name}: {got.get('error')}"
         assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5), name
         assert got["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-5), name
-        # MoE: experts that see few tokens have more gradient elements near Adam's eps (measured <= 1.9e-5).
-        assert got["weight_rel"] <= (5e-5 if moe else 1e-5), (name, got["weight_rel"])
-        assert got["weight_max_abs"] <= (5e-5 if moe else 2e-5), (name, got["weight_max_abs"])
+        # MoE: experts that see few tokens have more gradient elements near Adam's eps (measured <= 4.6e-5 at
+        # TP2+SP x EP2: 3 of 4096 elements of one expert's fc2). A real error moves most of a tensor: <= 5% may.
+        assert got["weight_rel"] <= (1e-4 if moe else 1e-5), (name, got["weight_rel"])
+        assert got["weight_max_abs"] <= (1e-4 if moe else 2e-5), (name, got["weight_max_abs"])
+        assert got["weight_frac"] <= 0.05, (name, got["weight_frac"])
         if moe:
             continue  # the ZeRO formula below does not model expert sharding
         # The largest rank's measured bytes against the layout's ZeRO formula (within 5%).
