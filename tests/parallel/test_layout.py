@@ -199,3 +199,15 @@ def test_pipeline_end_stages_hold_the_embeddings():
         "grads": 1200.0,
         "optimizer": 2400.0,
     }
+
+
+def test_config_validation_reads_the_experts_of_a_moe_model():
+    from tests.train.test_config import compose_cfg
+    from train.config import to_config
+
+    with pytest.raises(
+        ConfigError, match=r"parallel.ep=3: ep\*etp\*pp=3\*1\*1=3 does not divide the world size 2"
+    ):
+        to_config(compose_cfg(["model=mixtral_tiny", "parallel.ep=3"]))
+    with pytest.raises(ConfigError, match=r"parallel.ep=2: ep=2 does not divide 3 experts; try ep=1"):
+        to_config(compose_cfg(["model=mixtral_tiny", "parallel.ep=2", "+model.extra.moe={num_experts: 3}"]))
