@@ -164,7 +164,8 @@ def weight_error(modules: list, full: dict) -> tuple[float, float, float]:
 # --------------------------------------------------------------------------------- one layout
 def run_layout(spec: dict, ref: dict, *, scratch: str) -> dict:
     """Train `spec` for STEPS steps. With "resume_at": k, the engine is saved after step k through
-    train/checkpoint.py, thrown away, and a fresh one loads the checkpoint and goes on."""
+    train/checkpoint.py, thrown away, and a fresh one loads the checkpoint and goes on; with "resume_as": {...}
+    too, the fresh one has that other layout (megatron: dist_checkpointing reshards)."""
     from megatron.core import parallel_state as ps
 
     from parallel import engine as groups
@@ -175,6 +176,7 @@ def run_layout(spec: dict, ref: dict, *, scratch: str) -> dict:
 
     spec = dict(spec)
     resume_at = spec.pop("resume_at", None)
+    resume_as = spec.pop("resume_as", spec)
     moe = spec.pop("moe", False)
     layout = ParallelLayout(nproc_per_node=dist.get_world_size(), micro_batch=MICRO, **spec)
     groups.init_model_parallel(layout, seed=1234, device=torch.device("cpu"))
@@ -202,6 +204,11 @@ def run_layout(spec: dict, ref: dict, *, scratch: str) -> dict:
         if step == resume_at:
             path = checkpoint.save(scratch, engine=engine, scheduler=scheduler, state={"step": step})
             del engine
+            if resume_as is not spec:
+                ps.destroy_model_parallel()
+                layout = ParallelLayout(nproc_per_node=dist.get_world_size(), micro_batch=MICRO, **resume_as)
+                groups.init_model_parallel(layout, seed=1234, device=torch.device("cpu"))
+                dp_rank, per_rank = ps.get_data_parallel_rank(), BATCH // layout.dp_size
             # Different weights before loading, so a load that does nothing cannot pass.
             engine, scheduler = fresh({k: torch.zeros_like(v) for k, v in ref["init"].items()})
             assert checkpoint.load(path, engine=engine, scheduler=scheduler, full_verify=True)["step"] == step

@@ -43,6 +43,13 @@ TWO = {
     # Saved after step 2 by train/checkpoint.py, loaded into a fresh engine (zeroed weights), trained on.
     "pp2 + vpp2, resumed from a checkpoint": {"pp": 2, "vpp": 2, "resume_at": 2},
     "deepspeed zero-3, resumed from a checkpoint": {"engine": "deepspeed", "zero_stage": 3, "resume_at": 2},
+    # ... and loaded at another layout (dist_checkpointing reshards weights and the distributed optimizer).
+    "tp2 + sp, resumed as pp2 + vpp2": {
+        "tp": 2,
+        "sp": True,
+        "resume_at": 2,
+        "resume_as": {"pp": 2, "vpp": 2},
+    },
     # MoE (4 experts, top-2; against a MoE reference).
     "moe ep2": {"moe": True, "ep": 2},
     "moe tp2 + sp x ep2": {"moe": True, "tp": 2, "sp": True, "ep": 2},
@@ -94,7 +101,7 @@ def check(results: dict, layouts: dict, reference: str, nproc: int) -> None:
         if moe:
             continue  # the ZeRO formula below does not model expert sharding
         # The largest rank's measured bytes against the layout's ZeRO formula (within 5%).
-        spec = {k: v for k, v in layouts[name].items() if k != "resume_at"}
+        spec = layouts[name].get("resume_as", {k: v for k, v in layouts[name].items() if k != "resume_at"})
         expected = ParallelLayout(nproc_per_node=nproc, **spec).model_state_bytes(
             params, embedding_params=W.VOCAB * W.ARCH["hidden_size"]
         )
