@@ -14,7 +14,7 @@ import torch.distributed as dist
 from data import blend
 from data.prepare import PreparedData
 from models.gpt import build_model
-from parallel.engines import OptimSettings, build_engine
+from parallel.engines import OptimSettings, build_engine, out_of_memory_message
 from train import checkpoint, signals
 from train.average import average_into, last_checkpoints
 from train.config import StageConfig, TrainConfig
@@ -222,8 +222,21 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         )
         micro = blend.micro_batches(train_ds, idx, micro_batch=layout.micro_batch)
         lr = _current_lr(engine)
-        loss = engine.forward_backward(micro, seq_length=stage.seq_length)
-        grad_norm = engine.step()
+        try:
+            loss = engine.forward_backward(micro, seq_length=stage.seq_length)
+            grad_norm = engine.step()
+        except torch.OutOfMemoryError as e:
+            raise RuntimeError(
+                out_of_memory_message(
+                    stage=name,
+                    layout=layout,
+                    arch=stage.arch(cfg.model.arch()),
+                    vocab_size=run.vocab_size,
+                    seq_length=stage.seq_length,
+                    micro_batches=len(micro),
+                    device=run.device,
+                )
+            ) from e
         scheduler.step(increment=stage.batch_tokens)
         result.step, result.tokens, result.lr = step + 1, result.tokens + stage.batch_tokens, lr
         result.train_seconds += time.time() - t0

@@ -51,6 +51,63 @@ def token_loss(losses: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
     return (losses.float() * mask).sum(), mask.sum()
 
 
+def out_of_memory_message(
+    *,
+    stage: str,
+    layout: ParallelLayout,
+    arch,
+    vocab_size: int,
+    seq_length: int,
+    micro_batches: int,
+    device: torch.device,
+) -> str:
+    """What an out-of-memory error during training says: the stage, the rank, the memory measured and the
+    planner's estimate for this layout (parallel/plan/memory.py) side by side, and what would lower it."""
+    import torch.distributed as dist
+
+    from parallel.plan.memory import Layout, memory_per_gpu
+
+    plan = memory_per_gpu(
+        arch,
+        Layout(
+            tp=layout.tp,
+            pp=layout.pp,
+            dp=layout.dp_size,
+            ep=layout.ep,
+            cp=layout.cp,
+            vpp=layout.vpp,
+            sp=layout.sp,
+            micro_batch=layout.micro_batch,
+            engine=layout.engine,
+            zero=layout.zero_stage,
+            recompute=layout.recompute,
+        ),
+        vocab_size=vocab_size,
+        seq_length=seq_length,
+        num_microbatches=micro_batches,
+        precision="bf16" if device.type == "cuda" else "fp32",
+        kernels="fused" if device.type == "cuda" else "local",
+    )
+    if device.type == "cuda":
+        measured = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB peak allocated by torch"
+        capacity = f" of {torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB"
+    else:
+        import psutil
+
+        measured, capacity = f"{psutil.Process().memory_info().rss / 2**30:.2f} GiB resident", ""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    gib = 2**30
+    return (
+        f"out of memory in stage {stage!r} on rank {rank} ({device}): measured {measured}{capacity}; "
+        f"the planner estimated {plan.total / gib:.2f} GiB per GPU (weights {plan.weights / gib:.2f}, grads "
+        f"{plan.grads / gib:.2f}, optimizer {plan.optimizer / gib:.2f}, activations {plan.activations / gib:.2f}, "
+        f"margin {plan.margin / gib:.2f}) for tp={layout.tp} pp={layout.pp} dp={layout.dp_size} "
+        f"micro_batch={layout.micro_batch} zero_stage={layout.zero_stage} recompute={layout.recompute}. "
+        "Lower parallel.micro_batch, set parallel.recompute=selective or full, raise tp/pp, or use a higher "
+        "ZeRO stage (python -m parallel.plan searches layouts that fit)."
+    )
+
+
 def build_engine(
     layout: ParallelLayout,
     *,

@@ -77,3 +77,40 @@ def test_deepspeed_config_follows_the_layout():
         "stage": 1,
         "offload_optimizer": {"device": "cpu", "pin_memory": False},
     }
+
+
+def test_out_of_memory_names_stage_rank_measured_and_planned():
+    import re
+
+    import torch
+
+    from models.registry import resolve_arch
+    from parallel.engines import out_of_memory_message
+    from parallel.layout import ParallelLayout
+    from parallel.plan.memory import Layout, memory_per_gpu
+
+    arch = resolve_arch("llama3", "8B")
+    layout = ParallelLayout(nproc_per_node=8, tp=2, micro_batch=4, recompute="selective")
+    msg = out_of_memory_message(
+        stage="base",
+        layout=layout,
+        arch=arch,
+        vocab_size=128256,
+        seq_length=8192,
+        micro_batches=8,
+        device=torch.device("cpu"),
+    )
+    plan = memory_per_gpu(
+        arch,
+        Layout(tp=2, dp=4, micro_batch=4, recompute="selective"),
+        vocab_size=128256,
+        seq_length=8192,
+        num_microbatches=8,
+        precision="fp32",
+        kernels="local",
+    )
+    assert msg.startswith("out of memory in stage 'base' on rank 0 (cpu): measured ")
+    assert re.search(r"measured \d+\.\d\d GiB resident; the planner estimated", msg)
+    assert f"the planner estimated {plan.total / 2**30:.2f} GiB per GPU" in msg
+    assert f"weights {plan.weights / 2**30:.2f}" in msg and "tp=2 pp=1 dp=4 micro_batch=4" in msg
+    assert "Lower parallel.micro_batch" in msg
