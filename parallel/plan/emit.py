@@ -50,13 +50,11 @@ def parallel_fields(layout: Layout, *, gpus_per_node: int, nodes: int) -> tuple[
         "micro_batch": layout.micro_batch,
         "engine": layout.engine,
     }
-    if layout.engine == "megatron":
-        out["distributed_optimizer"] = layout.zero == 1
-    else:
-        key = next((n for n in ("zero_stage", "zero") if n in names), None)
-        if key is None:
-            return out, "parallel.layout has no ZeRO stage field"
-        out[key] = layout.zero
+    # megatron: zero 1 is its distributed optimizer, 0 plain DDP; deepspeed: the ZeRO stage.
+    key = next((n for n in ("zero_stage", "zero") if n in names), None)
+    if key is None:
+        return out, "parallel.layout has no ZeRO stage field"
+    out[key] = layout.zero
     for attr, options in _OPTIONAL_LAYOUT.items():
         value = getattr(layout, attr)
         key = next((n for n in options if n in names), None)

@@ -131,7 +131,7 @@ def test_every_plan_example_composes_and_plans(example):
 def test_layout_fields_follow_the_run_schema():
     names = {f.name for f in dataclasses.fields(ParallelLayout)}
     fields, why = parallel_fields(Layout(tp=2, dp=4, sp=True, micro_batch=2), gpus_per_node=8, nodes=1)
-    assert why is None and fields["tp"] == 2 and fields["dp"] == 4 and fields["distributed_optimizer"]
+    assert why is None and fields["tp"] == 2 and fields["dp"] == 4 and fields["zero_stage"] == 1
     _, why = parallel_fields(Layout(dp=4, ep=2), gpus_per_node=4, nodes=1)
     assert (why is None) == ("ep" in names)
     if "ep" not in names:
