@@ -17,7 +17,9 @@ RECORD = "scaling.json"
 def _arch(model) -> object:
     from models.llama import resolve_arch
 
-    overrides = {k: v for k, v in dict(model).items() if k not in ("family", "size") and v is not None}
+    skip = ("family", "size", "extra")
+    overrides = {k: v for k, v in dict(model).items() if k not in skip and v is not None}
+    overrides.update(dict(model.get("extra") or {}))  # ModelConfig.extra: any other Arch field
     return resolve_arch(model["family"], model["size"], **overrides)
 
 
