@@ -92,7 +92,7 @@ class DeepSpeedEngine:
         self.layout, self.device, self.grad_accum = layout, device, grad_accum
         from parallel.engines.megatron import config_overrides
 
-        model = build_model(config_overrides=config_overrides(layout, dtype=dtype, device=device)).to(device)
+        model = build_model(config_overrides=config_overrides(layout, device=device)).to(device)
         adamw = torch.optim.AdamW(
             param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps
         )

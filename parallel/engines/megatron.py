@@ -1,4 +1,4 @@
-"""The megatron-core engine: the model cut into pipeline stages (and virtual stages), each chunk in megatron-core
+"""The megatron-core engine: this rank's pipeline stage (one chunk per virtual stage), each chunk in megatron-core
 DDP (bucketed gradient reduce overlapped with backward; the distributed optimizer = ZeRO-1 at zero_stage=1),
 AdamW through megatron-core's optimizer, and micro-batches driven by `get_forward_backward_func` (no pipeline,
 1F1B, or interleaved 1F1B with virtual stages). TP/SP and EP/ETP come from the process groups
@@ -21,7 +21,7 @@ from train.checkpoint import MegatronState
 log = logging.getLogger(__name__)
 
 
-def config_overrides(layout: ParallelLayout, *, dtype: torch.dtype, device: torch.device) -> dict:
+def config_overrides(layout: ParallelLayout, *, device: torch.device) -> dict:
     """TransformerConfig fields the engine sets on top of the model's config for this layout (the model code
     already takes tp/sp/pp/vpp/ep/etp)."""
     out: dict = {}
@@ -38,9 +38,7 @@ def config_overrides(layout: ParallelLayout, *, dtype: torch.dtype, device: torc
     return out
 
 
-def stage_kwargs(
-    layout: ParallelLayout, *, vp_stage: int | None, dtype: torch.dtype, device: torch.device
-) -> dict:
+def stage_kwargs(layout: ParallelLayout, *, vp_stage: int | None, device: torch.device) -> dict:
     """What the model factory (models.gpt.build_model) needs to build this rank's part of the model."""
     return {
         "pp": layout.pp,
@@ -48,21 +46,17 @@ def stage_kwargs(
         "vp_stage": vp_stage,
         "ep": layout.ep,
         "etp": layout.etp,
-        "config_overrides": config_overrides(layout, dtype=dtype, device=device),
+        "config_overrides": config_overrides(layout, device=device),
     }
 
 
 def build_chunks(
-    layout: ParallelLayout,
-    build_model: Callable[..., torch.nn.Module],
-    *,
-    dtype: torch.dtype,
-    device: torch.device,
+    layout: ParallelLayout, build_model: Callable[..., torch.nn.Module], *, device: torch.device
 ) -> list[torch.nn.Module]:
     """This rank's model chunks: one per virtual stage (one when vpp = 1)."""
     chunks = []
     for vp in range(layout.vpp):
-        stage = stage_kwargs(layout, vp_stage=vp if layout.vpp > 1 else None, dtype=dtype, device=device)
+        stage = stage_kwargs(layout, vp_stage=vp if layout.vpp > 1 else None, device=device)
         chunk = build_model(**stage)
         if chunk.config.pipeline_model_parallel_size != layout.pp:
             raise RuntimeError(
@@ -102,7 +96,7 @@ class MegatronEngine:
         dtype: torch.dtype,
     ) -> None:
         self.layout, self.device = layout, device
-        self.modules = build_chunks(layout, build_model, dtype=dtype, device=device)
+        self.modules = build_chunks(layout, build_model, device=device)
         wrapped = self.modules
         if dtype != torch.float32:
             from megatron.core.transformer.module import Float16Module

@@ -20,9 +20,9 @@ def test_megatron_model_kwargs_follow_the_layout():
     from parallel.layout import ParallelLayout
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    assert config_overrides(ParallelLayout(nproc_per_node=1), dtype=torch.bfloat16, device=gpu) == {}
+    assert config_overrides(ParallelLayout(nproc_per_node=1), device=gpu) == {}
     layout = ParallelLayout(nproc_per_node=2, pp=2, vpp=2, recompute="full")
-    assert stage_kwargs(layout, vp_stage=1, dtype=torch.float32, device=cpu) == {
+    assert stage_kwargs(layout, vp_stage=1, device=cpu) == {
         "pp": 2,
         "vpp": 2,
         "vp_stage": 1,
@@ -36,7 +36,7 @@ def test_megatron_model_kwargs_follow_the_layout():
         },
     }
     moe = ParallelLayout(nproc_per_node=4, tp=2, sp=True, ep=2, etp=2, recompute="selective")
-    assert stage_kwargs(moe, vp_stage=None, dtype=torch.bfloat16, device=gpu) == {
+    assert stage_kwargs(moe, vp_stage=None, device=gpu) == {
         "pp": 1,
         "vpp": None,
         "vp_stage": None,
