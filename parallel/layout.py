@@ -47,7 +47,7 @@ class ParallelLayout:
     """Number of nodes."""
     engine: str = "megatron"
     """megatron (megatron-core DDP + distributed optimizer; TP/SP/PP/VPP/EP/ETP/CP) or deepspeed (ZeRO 1/2/3,
-    CPU offload; data-parallel only in Kiln)."""
+    CPU offload; data parallel, and tensor parallel through megatron-core's groups, without SP)."""
     tp: int = 1
     """Tensor-parallel axis size (splits heads, kv heads and the MLP width)."""
     sp: bool = False
@@ -161,9 +161,15 @@ class ParallelLayout:
                     "(it needs CUDA); set cp=1, or run on a GPU machine with transformer-engine installed",
                 )
             return
-        # deepspeed: ZeRO over the data-parallel axis; the model-parallel axes stay megatron's.
+        # deepspeed: ZeRO over the data-parallel axis, megatron-core's tensor-parallel groups handed in as `mpu`.
+        if self.sp:
+            raise ConfigError(
+                "parallel.sp",
+                self.sp,
+                "engine=deepspeed does not all-reduce the sequence-parallel norm gradients over tp "
+                "(megatron's finalize_model_grads does); set sp=false, or engine=megatron",
+            )
         for key, why in (
-            ("tp", "tensor parallelism is megatron's (engine=megatron)"),
             ("pp", "DeepSpeed's pipeline engine allows only ZeRO-1 and needs a PipelineModule"),
             ("ep", "DeepSpeed's MoE layer is not megatron-core's MoE, and is refused with ZeRO-3"),
             ("cp", "context parallelism is megatron's (engine=megatron)"),
@@ -172,7 +178,7 @@ class ParallelLayout:
                 raise ConfigError(
                     f"parallel.{key}",
                     getattr(self, key),
-                    f"engine=deepspeed runs data parallel only in Kiln: {why}; set {key}=1, or "
+                    f"engine=deepspeed runs data and tensor parallel only in Kiln: {why}; set {key}=1, or "
                     "engine=megatron (zero_stage<=1)",
                 )
         if self.offload == "optimizer" and self.zero_stage == 0:

@@ -1,7 +1,8 @@
-"""The DeepSpeed engine: `deepspeed.initialize` from the layout. ZeRO stage 0-3 over the data-parallel axis
-(the whole world: the validator refuses tp/pp/ep/cp > 1 with this engine), optimizer and parameter CPU offload,
-gradient accumulation, bf16 on GPU only. The model is the same megatron-core GPTModel the megatron engine
-trains (tp = 1), and the optimizer the same AdamW with no decay on norms and biases.
+"""The DeepSpeed engine: `deepspeed.initialize` from the layout. ZeRO stage 0-3 over the data-parallel axis,
+megatron-core's tensor-parallel groups handed in as DeepSpeed's `mpu` (the validator refuses sp, pp, ep, cp with
+this engine), optimizer and parameter CPU offload, gradient accumulation, bf16 on GPU only. The model is the same
+megatron-core GPTModel the megatron engine trains, and the optimizer the same AdamW with no decay on norms and
+biases.
 
 CPU facts (shared/reference/ENGINES-CPU.md): DS_ACCELERATOR=cpu before the import; the shm comm op's 1-2 minute
 JIT build at init is skipped; `gradient_clipping` is always set explicitly (DeepSpeed's default 1.0 would
@@ -75,6 +76,30 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+class MegatronMpu:
+    """megatron-core's process groups in the shape DeepSpeed's `mpu` takes: model parallel = tensor parallel
+    (DeepSpeed reduces gradients over the data-parallel group and counts a replicated parameter's norm once)."""
+
+    def __getattr__(self, name: str):
+        from megatron.core import parallel_state as ps
+
+        table = {
+            "get_model_parallel_rank": ps.get_tensor_model_parallel_rank,
+            "get_model_parallel_world_size": ps.get_tensor_model_parallel_world_size,
+            "get_model_parallel_group": ps.get_tensor_model_parallel_group,
+            "get_tensor_model_parallel_rank": ps.get_tensor_model_parallel_rank,
+            "get_tensor_model_parallel_world_size": ps.get_tensor_model_parallel_world_size,
+            "get_tensor_model_parallel_group": ps.get_tensor_model_parallel_group,
+            "get_tensor_model_parallel_src_rank": ps.get_tensor_model_parallel_src_rank,
+            "get_data_parallel_rank": ps.get_data_parallel_rank,
+            "get_data_parallel_world_size": ps.get_data_parallel_world_size,
+            "get_data_parallel_group": ps.get_data_parallel_group,
+        }
+        if name not in table:
+            raise AttributeError(name)
+        return table[name]
+
+
 class DeepSpeedEngine:
     name = "deepspeed"
 
@@ -100,7 +125,11 @@ class DeepSpeedEngine:
             layout, optim=optim, grad_accum=grad_accum, bf16=dtype == torch.bfloat16, device=device
         )
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=adamw, config=config, dist_init_required=False
+            model=model,
+            optimizer=adamw,
+            config=config,
+            dist_init_required=False,
+            mpu=MegatronMpu() if layout.tp > 1 else None,
         )
         self.modules = [self.engine.module]
 
@@ -134,7 +163,9 @@ class DeepSpeedEngine:
                 self.engine.backward(loss / count)
                 if i < len(micro) - 1:
                     self.engine.step()  # not a boundary: counts the micro-step, updates nothing
-        dist.all_reduce(total)
+        from megatron.core import parallel_state as ps
+
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
         return (total[0] / total[1]).item()
 
     def step(self) -> float | None:

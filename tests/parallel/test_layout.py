@@ -54,15 +54,15 @@ def test_sizes_are_inferred():
         ({"offload": "optimizer"}, "parallel.offload='optimizer': CPU offload is a deepspeed feature"),
         (
             {"engine": "deepspeed", "nproc_per_node": 4, "pp": 2},
-            "parallel.pp=2: engine=deepspeed runs data parallel only in Kiln: DeepSpeed's pipeline engine",
+            "parallel.pp=2: engine=deepspeed runs data and tensor parallel only in Kiln: DeepSpeed's pipeline engine",
         ),
         (
             {"engine": "deepspeed", "nproc_per_node": 4, "ep": 2},
-            "parallel.ep=2: engine=deepspeed runs data parallel only in Kiln",
+            "parallel.ep=2: engine=deepspeed runs data and tensor parallel only in Kiln",
         ),
         (
-            {"engine": "deepspeed", "nproc_per_node": 2, "tp": 2},
-            "parallel.tp=2: engine=deepspeed runs data parallel only in Kiln",
+            {"engine": "deepspeed", "nproc_per_node": 2, "tp": 2, "sp": True},
+            "parallel.sp=True: engine=deepspeed does not all-reduce the sequence-parallel norm gradients",
         ),
         (
             {"engine": "deepspeed", "zero_stage": 2, "offload": "optimizer+param"},
@@ -85,6 +85,7 @@ def test_deepspeed_layouts_that_work():
         ParallelLayout(engine="deepspeed", zero_stage=stage)
     ParallelLayout(engine="deepspeed", zero_stage=3, offload="optimizer+param")
     ParallelLayout(engine="deepspeed", zero_stage=2, offload="optimizer")
+    assert ParallelLayout(nproc_per_node=4, engine="deepspeed", zero_stage=3, tp=2).dp_size == 2
 
 
 def test_context_parallel_needs_transformer_engine(monkeypatch):

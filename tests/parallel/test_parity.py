@@ -40,6 +40,7 @@ TWO = {
     "deepspeed zero-2": {"engine": "deepspeed", "zero_stage": 2},
     "deepspeed zero-3": {"engine": "deepspeed", "zero_stage": 3},
     "deepspeed zero-3 + cpu offload": {"engine": "deepspeed", "zero_stage": 3, "offload": "optimizer+param"},
+    "deepspeed zero-2 x tp2 (megatron groups as mpu)": {"engine": "deepspeed", "zero_stage": 2, "tp": 2},
     # Saved after step 2 by train/checkpoint.py, loaded into a fresh engine (zeroed weights), trained on.
     "pp2 + vpp2, resumed from a checkpoint": {"pp": 2, "vpp": 2, "resume_at": 2},
     "deepspeed zero-3, resumed from a checkpoint": {"engine": "deepspeed", "zero_stage": 3, "resume_at": 2},
@@ -59,6 +60,8 @@ FOUR = {
     "tp2 x pp2": {"tp": 2, "pp": 2},
     "tp2 + sp x dp2 + distributed optimizer": {"tp": 2, "sp": True},
     "deepspeed zero-3 dp4": {"engine": "deepspeed", "zero_stage": 3},
+    "deepspeed zero-1 x tp2 x dp2": {"engine": "deepspeed", "zero_stage": 1, "tp": 2},
+    "deepspeed zero-3 x tp2 x dp2": {"engine": "deepspeed", "zero_stage": 3, "tp": 2},
     "moe tp2 + sp x ep2 x etp2": {"moe": True, "tp": 2, "sp": True, "ep": 2, "etp": 2},
     "moe pp2 x ep2": {"moe": True, "pp": 2, "ep": 2},
 }
