@@ -90,12 +90,16 @@ def _gather(t: torch.Tensor, group) -> list[torch.Tensor]:
     return out
 
 
-def full_state_dict(model) -> dict[str, torch.Tensor]:
-    """The whole model's parameters as full tensors (TP shards joined, experts under their global index), on every
-    rank. Collective over the TP and EP groups: every rank of them must call it."""
+def full_state_dict(model, *, grads: bool = False) -> dict[str, torch.Tensor]:
+    """The whole model's parameters (or, with `grads`, their .grad) as full tensors (TP shards joined, experts
+    under their global index), on every rank. Collective over the TP and EP groups: every rank must call it."""
     out: dict[str, torch.Tensor] = {}
     for key, param in model.named_parameters():
-        t = param.detach()
+        t = (
+            param.detach()
+            if not grads
+            else (param.grad if param.grad is not None else torch.zeros_like(param))
+        )
         tp_group, ep_group = _groups(param)
         if getattr(param, "tensor_model_parallel", False) and _size(tp_group) > 1:
             pieces = _gather(t, tp_group)
