@@ -67,7 +67,6 @@ def run_case(case: str, layout: dict, folder: Path) -> dict[str, float]:
     hf.zero_grad()
     hf_out = hf(input_ids=tokens).logits
     F.cross_entropy(hf_out.reshape(-1, VOCAB), labels.reshape(-1)).backward()
-    hf_grads = {k: p.grad for k, p in hf.named_parameters()}
 
     init(**layout)
     model = build_model(
