@@ -109,7 +109,11 @@ def build_model(
         vp_stage=vp_stage,
     )
     if arch.moe is not None:
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
         from models.moe import track_expert_load
 
+        # megatron's aux-loss tracker is global and sized by the first model's layer count: start it afresh.
+        get_moe_layer_wise_logging_tracker().clear()
         track_expert_load(model)
     return model

@@ -87,7 +87,9 @@ def run_case(case: str, layout: dict, folder: Path) -> dict[str, float]:
     ours = to_hf_state(full_state_dict(model, grads=True), arch, vocab_size=VOCAB)
     theirs = hub_grads(hf, family)
     pad = hf.config.pad_token_id
-    if pad is not None:  # HF's nn.Embedding(padding_idx=pad) never updates that row (Gemma 2: pad 0); Kiln does
+    if (
+        pad is not None
+    ):  # HF's nn.Embedding(padding_idx=pad) never updates that row (Gemma 2: pad 0); Kiln does
         ours["model.embed_tokens.weight"][pad] = theirs["model.embed_tokens.weight"][pad]
     assert ours.keys() == theirs.keys(), sorted(set(ours) ^ set(theirs))[:4]
     ep = layout.get("ep", 1)
