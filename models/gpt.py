@@ -62,6 +62,22 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
     return lse**2
 
 
+def _engine_stage(config) -> tuple[object, dict]:
+    """The training engine's pipeline-stage seam (parallel/engines/megatron.py `model_stage`), when active: it swaps
+    `megatron.core.models.gpt.GPTModel` for a function holding the stage flags and the layout's config overrides
+    (pp, vpp, ep, etp, recompute, ...). KilnGPTModel is a subclass the swap cannot reach, so read them from it and
+    apply them here, before the layer specs are chosen (they depend on pp)."""
+    import inspect
+
+    import megatron.core.models.gpt as gpt
+
+    if gpt.GPTModel is GPTModel:
+        return config, {}
+    seam = inspect.getclosurevars(gpt.GPTModel).nonlocals
+    config = dataclasses.replace(config, **seam["overrides"](config))
+    return config, {k: seam[k] for k in ("pre_process", "post_process", "vp_stage")}
+
+
 def build_model(
     arch: Arch,
     *,
@@ -94,6 +110,9 @@ def build_model(
     config = transformer_config(arch, tp=tp, sp=sp, ep=ep, etp=etp, pp=pp, vpp=vpp, dtype=dtype)
     pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage) if pp > 1 else True
     post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage) if pp > 1 else True
+    config, stage = _engine_stage(config)
+    pre, post = stage.get("pre_process", pre), stage.get("post_process", post)
+    vp_stage = stage.get("vp_stage", vp_stage)
     model = KilnGPTModel(
         arch=arch,
         config=config,
