@@ -439,7 +439,7 @@ def validate(cfg: TrainConfig) -> None:
         heads=arch.num_attention_heads,
         kv_heads=arch.num_kv_heads,
         layers=arch.num_layers,
-        experts=getattr(arch, "num_experts", None) or 0,
+        experts=arch.moe.num_experts if arch.moe is not None else 0,
     )
     stages = cfg.recipe.stages
     if not stages:
