@@ -62,6 +62,22 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
     return lse**2
 
 
+def _engine_stage(config) -> tuple[object, dict]:
+    """The training engine's pipeline-stage seam (parallel/engines/megatron.py `model_stage`), when active: it swaps
+    `megatron.core.models.gpt.GPTModel` for a function holding the stage flags and the layout's config overrides
+    (pp, vpp, ep, etp, recompute, ...). KilnGPTModel is a subclass the swap cannot reach, so read them from it and
+    apply them here, before the layer specs are chosen (they depend on pp)."""
+    import inspect
+
+    import megatron.core.models.gpt as gpt
+
+    if gpt.GPTModel is GPTModel:
+        return config, {}
+    seam = inspect.getclosurevars(gpt.GPTModel).nonlocals
+    config = dataclasses.replace(config, **seam["overrides"](config))
+    return config, {k: seam[k] for k in ("pre_process", "post_process", "vp_stage")}
+
+
 def build_model(
     arch: Arch,
     *,
@@ -98,6 +114,9 @@ def build_model(
         config = dataclasses.replace(config, **config_overrides)
     pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage) if pp > 1 else True
     post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage) if pp > 1 else True
+    config, stage = _engine_stage(config)
+    pre, post = stage.get("pre_process", pre), stage.get("post_process", post)
+    vp_stage = stage.get("vp_stage", vp_stage)
     model = KilnGPTModel(
         arch=arch,
         config=config,
@@ -113,7 +132,11 @@ def build_model(
         vp_stage=vp_stage,
     )
     if arch.moe is not None:
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
         from models.moe import track_expert_load
 
+        # megatron's aux-loss tracker is global and sized by the first model's layer count: start it afresh.
+        get_moe_layer_wise_logging_tracker().clear()
         track_expert_load(model)
     return model

@@ -490,7 +490,7 @@ def check_matches(model_arch: Arch, hf_arch: Arch) -> None:
 def load_hf_into(model, folder: str | Path) -> dict[str, int]:
     """Load a HF checkpoint into `model` (a `KilnGPTModel`, possibly one TP/EP shard): checks config.json against
     model.arch, converts, slices this rank's shard. Returns {"loaded": tensors, "vocab_rows": rows copied}."""
-    from models.shard import shard_for_rank
+    from models.shard import local_key, shard_for_rank
 
     folder = Path(folder)
     _, hf_arch = arch_from_hf(json.loads((folder / "config.json").read_text()))
@@ -503,7 +503,7 @@ def load_hf_into(model, folder: str | Path) -> dict[str, int]:
             local = shard_for_rank(model, key, value)
             if local is None:
                 continue
-            target = own[key]
+            target = own[local_key(model, key)]
             if key in ("embedding.word_embeddings.weight", "output_layer.weight"):
                 vocab_rows = local.shape[0]
                 target.zero_()

@@ -71,3 +71,10 @@ def build_model(arch: Arch, **kwargs):
     from models.gpt import build_model as build
 
     return build(arch, **kwargs)
+
+
+def transformer_config(arch: Arch, **kwargs):
+    """Kept for old imports: `models.spec.transformer_config`."""
+    from models.spec import transformer_config as config
+
+    return config(arch, **kwargs)

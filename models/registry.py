@@ -27,7 +27,14 @@ def sizes(family: str) -> dict[str, Arch]:
 
 def resolve_arch(family: str, size: str, *, max_seq_length: int | None = None, **overrides: object) -> Arch:
     """The validated architecture of `family`/`size` with `overrides` (field name -> value; `rope`, `moe`, `mla`
-    take dicts of their own fields). Raises ConfigError naming the bad field."""
+    take dicts of their own fields; `extra`, a dict of more of them, as ModelConfig holds it). Raises ConfigError
+    naming the bad field."""
+    extra = overrides.pop("extra", None) or {}  # a ModelConfig's `extra` dict, passed as it comes
+    if hasattr(extra, "items"):
+        from omegaconf import DictConfig, OmegaConf
+
+        extra = OmegaConf.to_container(extra) if isinstance(extra, DictConfig) else dict(extra)
+        overrides = {**overrides, **extra}
     table = sizes(family)
     if size not in table:
         raise ConfigError("model.size", size, f"choose one of {', '.join(table)}")

@@ -47,7 +47,7 @@ def _cut(full: torch.Tensor, key: str, dim: int, parts: int, index: int) -> torc
     return full.chunk(parts, dim=dim)[index]
 
 
-def _local_expert_key(model, key: str) -> str | None:
+def local_key(model, key: str) -> str | None:
     """The local key of global expert key `key` on this EP rank, or None if another rank holds it."""
     m = _EXPERT.match(key)
     if m is None:
@@ -66,10 +66,10 @@ def shard_for_rank(model, key: str, full: torch.Tensor) -> torch.Tensor | None:
     """This rank's piece of the full tensor `key` (global expert numbering), or None if held elsewhere. Vocabulary
     tensors are padded with zero rows to the model's padded vocabulary first."""
     params = dict(model.named_parameters())
-    local_key = _local_expert_key(model, key)
-    if local_key is None:
+    own = local_key(model, key)
+    if own is None:
         return None
-    param = params.get(local_key)
+    param = params.get(own)
     if param is None or not getattr(param, "tensor_model_parallel", False):
         return full
     tp_group, _ = _groups(param)
@@ -90,12 +90,16 @@ def _gather(t: torch.Tensor, group) -> list[torch.Tensor]:
     return out
 
 
-def full_state_dict(model) -> dict[str, torch.Tensor]:
-    """The whole model's parameters as full tensors (TP shards joined, experts under their global index), on every
-    rank. Collective over the TP and EP groups: every rank of them must call it."""
+def full_state_dict(model, *, grads: bool = False) -> dict[str, torch.Tensor]:
+    """The whole model's parameters (or, with `grads`, their .grad) as full tensors (TP shards joined, experts
+    under their global index), on every rank. Collective over the TP and EP groups: every rank must call it."""
     out: dict[str, torch.Tensor] = {}
     for key, param in model.named_parameters():
-        t = param.detach()
+        t = (
+            param.detach()
+            if not grads
+            else (param.grad if param.grad is not None else torch.zeros_like(param))
+        )
         tp_group, ep_group = _groups(param)
         if getattr(param, "tensor_model_parallel", False) and _size(tp_group) > 1:
             pieces = _gather(t, tp_group)

@@ -59,7 +59,9 @@ def _moe_kwargs(arch: Arch, *, ep: int, etp: int) -> dict:
         moe_router_enable_expert_bias=m.expert_bias,
         moe_router_bias_update_rate=m.bias_update_rate,
         moe_expert_capacity_factor=m.capacity_factor,
-        moe_token_dispatcher_type="alltoall" if ep > 1 or m.capacity_factor is not None else "allgather",
+        # allgather: exact on gloo without a shim (ENGINES-CPU.md); alltoall (faster at large EP) needs the CPU
+        # `moe_splits` shim, and capacity dropping needs alltoall.
+        moe_token_dispatcher_type="alltoall" if m.capacity_factor is not None else "allgather",
         moe_grouped_gemm=False,
         moe_router_dtype="fp32",
         moe_layer_freq=[int(arch.is_moe_layer(i)) for i in range(arch.num_layers)],

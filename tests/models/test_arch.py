@@ -83,3 +83,13 @@ def test_model_config_extra_overrides_reach_the_arch():
     assert (arch.num_layers, arch.sliding_window, arch.rope.factor) == (2, 8, 2.0)
     with pytest.raises(ConfigError, match="model.extra.num_layers"):
         ModelConfig(num_layers=2, extra={"num_layers": 3})
+
+
+def test_expert_parallel_layout_sees_the_arch_experts():
+    from tests.train.test_config import compose_cfg
+    from train.config import to_config
+
+    cfg = to_config(compose_cfg(["model=mixtral_tiny", "parallel.ep=2"]))
+    assert cfg.model.arch().moe.num_experts == 8 and cfg.parallel.ep == 2
+    with pytest.raises(ConfigError, match="parallel.ep=2.*no experts"):
+        to_config(compose_cfg(["model=llama_tiny", "parallel.ep=2"]))

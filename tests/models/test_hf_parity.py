@@ -102,3 +102,20 @@ def test_exports_load_in_transformers(tmp_path, megatron_world1):
     for folder, ours in expected.items():
         diff = (torch.load(folder + "/logits.pt") - ours).abs().max().item()
         assert diff <= TOL, (folder, diff)
+
+
+def test_mismatched_checkpoint_names_the_field(tmp_path, megatron_world1):
+    from train.errors import ConfigError
+
+    family, arch = arch_of("llama3")
+    hf_model(arch, family).save_pretrained(tmp_path / "hf")
+    deeper = build_model(arch.replace(num_layers=4), vocab_size=VOCAB, max_seq_length=SEQ)
+    with pytest.raises(ConfigError, match="model.num_layers=4: the HF checkpoint has 3"):
+        load_hf_into(deeper, tmp_path / "hf")
+    _, gemma = arch_of("gemma2")
+    with pytest.raises(ConfigError, match="model.head_dim=24: the HF checkpoint has 16"):
+        load_hf_into(build_model(gemma, vocab_size=VOCAB, max_seq_length=SEQ), tmp_path / "hf")
+    config = tmp_path / "hf" / "config.json"
+    config.write_text(config.read_text().replace('"llama"', '"gpt2"'))
+    with pytest.raises(ConfigError, match="model_type='gpt2'"):
+        load_hf_into(deeper, tmp_path / "hf")
