@@ -15,10 +15,9 @@ RECORD = "scaling.json"
 
 
 def _arch(model) -> object:
-    from models.llama import resolve_arch
+    from train.config import ModelConfig
 
-    overrides = {k: v for k, v in dict(model).items() if k not in ("family", "size") and v is not None}
-    return resolve_arch(model["family"], model["size"], **overrides)
+    return ModelConfig(**OmegaConf.to_container(model, resolve=True)).arch()
 
 
 def isoflop_tokens(flops: float, model, vocab_size: int, batch_tokens: int) -> int:

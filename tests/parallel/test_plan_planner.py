@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -129,13 +128,34 @@ def test_every_plan_example_composes_and_plans(example):
 
 
 def test_layout_fields_follow_the_run_schema():
-    names = {f.name for f in dataclasses.fields(ParallelLayout)}
     fields, why = parallel_fields(Layout(tp=2, dp=4, sp=True, micro_batch=2), gpus_per_node=8, nodes=1)
-    assert why is None and fields["tp"] == 2 and fields["dp"] == 4 and fields["distributed_optimizer"]
-    _, why = parallel_fields(Layout(dp=4, ep=2), gpus_per_node=4, nodes=1)
-    assert (why is None) == ("ep" in names)
-    if "ep" not in names:
-        assert why == "parallel.layout has no ep field (ep=2)"
+    assert why is None and (fields["tp"], fields["dp"], fields["zero_stage"], fields["sp"]) == (2, 4, 1, True)
+    fields, why = parallel_fields(
+        Layout(tp=2, pp=2, vpp=2, dp=2, ep=2, sp=True, recompute="selective"), gpus_per_node=8, nodes=1
+    )
+    assert why is None and (fields["pp"], fields["vpp"], fields["ep"], fields["recompute"]) == (
+        2,
+        2,
+        2,
+        "selective",
+    )
+    ParallelLayout(**fields)  # the run's own validation takes it
+    # A layout the run refuses (here: deepspeed with TP) is not writable, with the layout's own reason.
+    _, why = parallel_fields(Layout(tp=2, dp=4, engine="deepspeed", zero=3), gpus_per_node=8, nodes=1)
+    assert why is not None and why.startswith("parallel.tp=2: engine=deepspeed runs data parallel only")
+
+
+def test_moe_model_fields_compose_as_an_arch():
+    from parallel.plan.emit import model_fields
+    from parallel.plan.flops import as_plan_arch, param_count
+    from parallel.plan.shape import moe_shape
+    from train.config import ModelConfig
+
+    arch = moe_shape(2e8, vocab_size=32000, num_experts=16, top_k=2)
+    fields, why = model_fields(arch, seq_length=4096)
+    assert why is None and fields["extra"]["moe"]["num_experts"] == 16
+    built = as_plan_arch(ModelConfig(**fields).arch())
+    assert param_count(built, vocab_size=32000) == param_count(arch, vocab_size=32000)
 
 
 @pytest.mark.slow  # two interpreters that import torch: ~20 s each on a loaded 2-core machine
