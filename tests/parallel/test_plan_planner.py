@@ -190,3 +190,31 @@ def test_plan_with_a_fitted_law(tmp_path):
         ConfigError, match="plan.fitted_law=.*need a fit.json from `python -m parallel.plan.fit`"
     ):
         plan(PlanConfig(flops=1e21, fitted_law=str(tmp_path / "bad.json")), **H100)
+
+
+def test_generated_cluster_plan_with_pipeline_composes_and_validates():
+    from parallel.plan.__main__ import PlannerConfig, run
+    from train.config import ClusterConfig
+
+    name = f"test_plan_h100_{os.getpid()}"
+    out = ROOT / "configs" / "generated"
+    req = PlanConfig(name=name, flops=5.76e23, vocab_size=32000, seq_length=2048, out_dir=str(out))
+    cluster = ClusterConfig(name="h100_sxm", gpu="h100_sxm", gpus_per_node=8, max_nodes=128,
+                            intra_node_gbps=450, inter_node_gbps=50)  # fmt: skip
+    try:
+        run(PlannerConfig(plan=req, cluster=cluster), configs_dir=str(ROOT / "configs"))
+        cfg = _compose_generated(name)
+    finally:
+        (out / f"{name}.yaml").unlink(missing_ok=True)
+    p = plan(req, **H100)
+    chosen, hp, why = config_choice(p)
+    assert chosen is p.best and why is None  # the run's schema takes the fastest layout (PP and VPP here)
+    par = cfg.parallel
+    assert (par.tp, par.pp, par.vpp, par.dp_size, par.nnodes) == (
+        chosen.layout.tp,
+        chosen.layout.pp,
+        chosen.layout.vpp,
+        chosen.layout.dp,
+        p.nodes,
+    )
+    assert cfg.cluster.name == "h100_sxm" and cfg.recipe.stages["base"].batch_tokens == hp.batch_tokens
