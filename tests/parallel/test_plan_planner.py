@@ -218,3 +218,21 @@ def test_generated_cluster_plan_with_pipeline_composes_and_validates():
         p.nodes,
     )
     assert cfg.cluster.name == "h100_sxm" and cfg.recipe.stages["base"].batch_tokens == hp.batch_tokens
+
+
+def test_generated_config_renders_as_a_slurm_job():
+    from parallel.plan.__main__ import PlannerConfig, run
+    from slurm import submit
+    from train.config import ClusterConfig
+
+    name = f"test_plan_slurm_{os.getpid()}"
+    out = ROOT / "configs" / "generated"
+    req = PlanConfig(name=name, flops=1e22, vocab_size=32000, seq_length=4096, nodes=4, out_dir=str(out))
+    cluster = ClusterConfig(name="h100_sxm", gpu="h100_sxm", gpus_per_node=8, max_nodes=128)
+    try:
+        run(PlannerConfig(plan=req, cluster=cluster), configs_dir=str(ROOT / "configs"))
+        cfg = submit.load_config([f"+generated={name}"])
+        jobs = submit.plan_training(cfg, [f"+generated={name}"])
+    finally:
+        (out / f"{name}.yaml").unlink(missing_ok=True)
+    assert len(jobs) == 1 and "#SBATCH --nodes=4" in jobs[0].text and "+generated=" in jobs[0].text
