@@ -28,6 +28,14 @@ def isoflop_tokens(flops: float, model, vocab_size: int, batch_tokens: int) -> i
     return max(1, int(float(flops) / (6 * n)) // int(batch_tokens)) * int(batch_tokens)
 
 
+def isoflop_warmup(tokens: int, batch_tokens: int) -> int:
+    """Warm-up of a sweep run: min(2000 steps, 10% of the steps) in whole batches (hparams.py's rule)."""
+    from parallel.plan.hparams import WARMUP_MAX_FRACTION, WARMUP_STEPS
+
+    steps = int(tokens) // int(batch_tokens)
+    return min(WARMUP_STEPS, int(WARMUP_MAX_FRACTION * steps)) * int(batch_tokens)
+
+
 def llama_ffn(hidden: int) -> int:
     """The SwiGLU width of the tiny Llama family for `hidden` (8/3 h rounded up to a multiple of 64)."""
     from models.llama import llama_ffn_size
@@ -42,8 +50,15 @@ def sci(x: float) -> str:
 
 
 def register_resolvers() -> None:
-    """`${isoflop_tokens:...}`, `${llama_ffn:...}` and `${sci:...}` for the sweep configs (idempotent)."""
-    for name, fn in (("isoflop_tokens", isoflop_tokens), ("llama_ffn", llama_ffn), ("sci", sci)):
+    """`${isoflop_tokens:...}`, `${isoflop_warmup:...}`, `${llama_ffn:...}`, `${sci:...}` for the sweep configs
+    (idempotent)."""
+    resolvers = {
+        "isoflop_tokens": isoflop_tokens,
+        "isoflop_warmup": isoflop_warmup,
+        "llama_ffn": llama_ffn,
+        "sci": sci,
+    }
+    for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 
