@@ -111,6 +111,10 @@ class StageConfig:
     """Validation tokens per source."""
     save_every_tokens: int = 0
     """Checkpoint every this many tokens (0: only at the end of the stage)."""
+    average_last: int = 0
+    """After the stage, average the weights of its last this many checkpoints (the final one included) and
+    save the result under <stage>/averaged (0: no averaging); the stage keeps at least this many checkpoints
+    whatever checkpoint.keep_last says. Llama 3 does this at the end of annealing."""
 
     def arch(self, model: Arch) -> Arch:
         """The model architecture this stage trains: `model` with the stage's RoPE changes."""
@@ -171,6 +175,16 @@ class StageConfig:
             )
         if self.min_lr < 0 or (self.lr is not None and self.min_lr > self.lr):
             raise ConfigError(f"{key}.min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
+        if self.average_last:
+            every = self.save_every_tokens // self.batch_tokens if self.save_every_tokens else 0
+            saved = (self.steps - 1) // every + 1 if every else 1
+            if not 1 < self.average_last <= saved:
+                raise ConfigError(
+                    f"{key}.average_last",
+                    self.average_last,
+                    f"needs 2..{saved} (the checkpoints this stage saves: {self.steps} steps, one every "
+                    f"{every or self.steps}); save more often with save_every_tokens, or use 0",
+                )
         if self.rope_theta is not None and self.rope_theta <= 0:
             raise ConfigError(
                 f"{key}.rope_theta", self.rope_theta, "must be > 0, or null for the model's own"

@@ -3,6 +3,7 @@ an earlier stage, or its own latest checkpoint, and train for the stage's tokens
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from data.prepare import PreparedData
 from models.gpt import build_model
 from parallel.engines import OptimSettings, build_engine
 from train import checkpoint, signals
+from train.average import average_into, last_checkpoints
 from train.config import StageConfig, TrainConfig
 from train.logs import MetricSinks, Progress, set_stage
 from train.schedule import build_scheduler
@@ -35,6 +37,8 @@ class StageResult:
     """[first, last] logged training loss of the stage."""
     valid_start: dict[str, float] = field(default_factory=dict)
     valid_end: dict[str, float] = field(default_factory=dict)
+    valid_avg: dict[str, float] = field(default_factory=dict)
+    """Held-out loss of the averaged checkpoints (stage.average_last > 0), next to valid_end's last weights."""
     train_seconds: float = 0.0
     checkpoint: str = ""
 
@@ -52,8 +56,8 @@ class Run:
     sinks: MetricSinks
 
 
-def _valid_record(losses: dict[str, float]) -> dict[str, float]:
-    return {f"valid/{k}": v for k, v in losses.items()}
+def _valid_record(losses: dict[str, float], prefix: str = "valid") -> dict[str, float]:
+    return {f"{prefix}/{k}": v for k, v in losses.items()}
 
 
 def evaluate(run: Run, engine, datasets: dict, stage: StageConfig) -> dict[str, float]:
@@ -90,9 +94,10 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
     set_stage(name)
     directory = checkpoint.stage_dir(cfg.run_dir, name)
     resume = checkpoint.latest(directory)
-    if resume is not None and checkpoint.read_state(resume)["final"]:
-        log.info("stage %s is complete (%s); skipping", name, resume)
-        return StageResult(**checkpoint.read_state(resume))
+    averaged = checkpoint.latest(checkpoint.averaged_dir(directory)) if stage.average_last else None
+    if resume is not None and checkpoint.read_state(resume)["final"] and (averaged or not stage.average_last):
+        log.info("stage %s is complete (%s); skipping", name, averaged or resume)
+        return StageResult(**checkpoint.read_state(averaged or resume))
     config_record = checkpoint.resume_record(cfg, name)
     if resume is not None:
         checkpoint.check_resume(resume, config_record, allow=cfg.resume.allow_config_change)
@@ -158,6 +163,11 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
             group.update(own)
         log.info("initialized %s from %s (peak LR %.3g)", name, init_path, peak_lr)
 
+    # Averaging reads the stage's last checkpoints: retention keeps at least that many.
+    retention = dataclasses.replace(
+        cfg.checkpoint, keep_last=max(cfg.checkpoint.keep_last, stage.average_last)
+    )
+
     def save() -> None:
         result.checkpoint = checkpoint.path_for(directory, result.step)
         checkpoint.save(
@@ -165,7 +175,7 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
             engine=engine,
             scheduler=scheduler,
             state=vars(result),
-            retention=cfg.checkpoint,
+            retention=retention,
             record=config_record,
         )
 
@@ -276,6 +286,24 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
     )
     result.final = True
     save()
+    if stage.average_last:
+        average_into(engine, last_checkpoints(directory, stage.average_last))
+        result.valid_avg = evaluate(run, engine, valid_ds, stage)
+        run.sinks.write(
+            {"stage": name, "step": result.step, **_valid_record(result.valid_avg, prefix="valid_avg")}
+        )
+        log.info(
+            "%s: average of the last %d checkpoints: %s", name, stage.average_last, _fmt(result.valid_avg)
+        )
+        result.checkpoint = checkpoint.path_for(checkpoint.averaged_dir(directory), result.step)
+        checkpoint.save(
+            checkpoint.averaged_dir(directory),
+            engine=engine,
+            scheduler=scheduler,
+            state=vars(result),
+            retention=retention,
+            record=config_record,
+        )
     return result
 
 

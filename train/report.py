@@ -14,6 +14,9 @@ from train.config import TrainConfig
 def greedy_sample(cfg: TrainConfig, last, *, run, tokenizer) -> str:
     """Greedy continuation of `cfg.sample_prompt` by the final checkpoint (all ranks take part)."""
     stage = cfg.recipe.stages[last.stage]
+    if cfg.parallel.pp > 1 or cfg.parallel.engine != "megatron":
+        # The sample runs the whole model on every rank from a megatron-core checkpoint.
+        return f"(no sample: it needs engine=megatron and pp=1; this run has engine={cfg.parallel.engine}, pp={cfg.parallel.pp})"
     model = build_model(
         stage.arch(cfg.model.arch()),
         vocab_size=run.vocab_size,
@@ -49,6 +52,7 @@ def format_report(cfg: TrainConfig, results: list, *, sample: str) -> str:
     for r in results:
         valid = [
             f"{r.valid_start.get(s, float('nan')):.3f} -> {r.valid_end.get(s, float('nan')):.3f}"
+            + (f" (averaged {r.valid_avg[s]:.3f})" if s in r.valid_avg else "")
             for s in sources
         ]
         first, last = (r.train_loss + [float("nan")] * 2)[:2]

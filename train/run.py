@@ -28,6 +28,8 @@ def init_checkpoint(cfg: TrainConfig, init_from: str | None) -> str | None:
     if init_from is None:
         return None
     directory = checkpoint.stage_dir(cfg.run_dir, init_from) if init_from in cfg.recipe.stages else init_from
+    if checkpoint.latest(checkpoint.averaged_dir(directory)) is not None:
+        directory = checkpoint.averaged_dir(directory)  # a stage that averaged its checkpoints hands that on
     path = (
         directory
         if os.path.exists(os.path.join(directory, checkpoint.STATE_FILE))

@@ -180,3 +180,33 @@ def test_stage_rope_changes_reach_the_model():
         4.0,
         cfg.model.arch().rope_theta,
     )
+
+
+def test_llama3_8b_recipe_is_the_papers_three_stages():
+    cfg = to_config(compose_cfg(["recipe=llama3_8b"]))
+    arch = cfg.model.arch()
+    assert (arch.num_layers, arch.hidden_size, arch.rope_theta) == (32, 4096, 500_000.0)
+    base, lc, anneal = (cfg.recipe.stages[s] for s in ("base", "long_context", "anneal"))
+    assert (base.seq_length, lc.seq_length, anneal.seq_length) == (8192, 131072, 131072)
+    assert lc.arch(arch).rope.kind == "llama3" and lc.arch(arch).rope.original_context == 8192
+    assert anneal.arch(arch).rope == lc.arch(arch).rope  # annealing continues the long-context model
+    assert (anneal.lr, anneal.min_lr, anneal.schedule, anneal.average_last) == (None, 0.0, "linear", 5)
+    assert base.batch_tokens == lc.batch_tokens == anneal.batch_tokens == 4 * 1024 * 1024
+
+
+def test_olmo2_style_recipe_is_warmup_stable_then_decay_to_zero():
+    cfg = to_config(compose_cfg(["recipe=olmo2_style"]))
+    pre, anneal = cfg.recipe.stages["pretrain"], cfg.recipe.stages["anneal"]
+    assert pre.schedule == "constant" and pre.min_lr == pre.lr and anneal.init_from == "pretrain"
+    assert (anneal.lr, anneal.min_lr, anneal.schedule, anneal.keep_optimizer) == (None, 0.0, "linear", True)
+
+
+def test_average_last_needs_that_many_checkpoints_in_the_stage():
+    with pytest.raises(
+        ConfigError, match="recipe.stages.anneal.average_last=3: needs 2..1 .*8 steps, one every 8"
+    ):
+        to_config(compose_cfg(["recipe.stages.anneal.average_last=3"]))
+    cfg = to_config(
+        compose_cfg(["recipe.stages.anneal.average_last=3", "recipe.stages.anneal.save_every_tokens=16384"])
+    )
+    assert cfg.recipe.stages["anneal"].average_last == 3  # saves at steps 2, 4, 6 and the final 8
