@@ -50,11 +50,15 @@ def parallel_fields(layout: Layout, *, gpus_per_node: int, nodes: int) -> tuple[
         "micro_batch": layout.micro_batch,
         "engine": layout.engine,
     }
-    # megatron: zero 1 is its distributed optimizer, 0 plain DDP; deepspeed: the ZeRO stage.
     key = next((n for n in ("zero_stage", "zero") if n in names), None)
-    if key is None:
+    if key is not None:
+        out[key] = layout.zero
+    elif layout.engine == "megatron" and "distributed_optimizer" in names:
+        out["distributed_optimizer"] = layout.zero == 1
+    else:
         return out, "parallel.layout has no ZeRO stage field"
-    out[key] = layout.zero
+    if "etp" in names:
+        out["etp"] = 1  # the planner keeps experts unsplit by TP
     for attr, options in _OPTIONAL_LAYOUT.items():
         value = getattr(layout, attr)
         key = next((n for n in options if n in names), None)
@@ -90,11 +94,15 @@ def model_fields(arch: PlanArch, *, seq_length: int) -> tuple[dict, str | None]:
     if arch.is_mla:
         return out, "the planner writes GQA shapes only"
     if arch.is_moe:
-        for attr, options in _MOE_MODEL.items():
-            key = next((n for n in options if n in names), None)
-            if key is None:
-                return out, f"model schema has no MoE field for {attr}"
-            out[key] = getattr(arch, attr) if attr != "moe_ffn_hidden_size" else arch.expert_ffn
+        moe = {"num_experts": arch.num_experts, "top_k": arch.top_k, "ffn_hidden_size": arch.expert_ffn}
+        if "extra" in names:  # models.arch.Arch.moe, given as a dict of its fields
+            out["extra"] = {"moe": moe}
+        else:
+            for attr, options in _MOE_MODEL.items():
+                key = next((n for n in options if n in names), None)
+                if key is None:
+                    return out, f"model schema has no MoE field for {attr}"
+                out[key] = getattr(arch, attr) if attr != "moe_ffn_hidden_size" else arch.expert_ffn
     try:
         ModelConfig(**out)
     except (ConfigError, TypeError) as e:

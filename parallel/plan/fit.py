@@ -88,6 +88,8 @@ def isoflop_fits(points: list[Point]) -> list[IsoFlop]:
         if c0 <= 0:
             continue  # no minimum: the sweep does not bracket the optimum at this budget
         x_opt = -c1 / (2 * c0)
+        if not x.min() <= x_opt <= x.max():
+            continue  # the minimum is an extrapolation: the sizes do not bracket the optimum
         n_opt = math.exp(x_opt)
         out.append(IsoFlop(c, n_opt, c / (6 * n_opt), c2 - c1**2 / (4 * c0), (c0, c1, c2), len(group)))
     return out

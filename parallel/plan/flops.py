@@ -85,12 +85,39 @@ class PlanArch:
 
 
 def as_plan_arch(arch: object) -> PlanArch:
-    """A PlanArch from a PlanArch, a `models.llama.LlamaArch`, or any object with the same attribute names."""
+    """A PlanArch from a PlanArch, a `models.arch.Arch` (its `moe` and `mla` parts included), or any object with
+    PlanArch's attribute names."""
     if isinstance(arch, PlanArch):
         return arch
-    fields = {f: getattr(arch, f) for f in PlanArch.__dataclass_fields__ if hasattr(arch, f)}
-    if "head_dim" not in fields and hasattr(arch, "head_dim"):
-        fields["head_dim"] = arch.head_dim
+    fields = {
+        f: getattr(arch, f)
+        for f in PlanArch.__dataclass_fields__
+        if hasattr(arch, f) and f not in ("head_dim", "num_experts", "top_k", "kv_lora_rank")
+    }
+    fields["head_dim"] = getattr(arch, "head_dim", 0) or 0
+    if getattr(arch, "activation", "swiglu") not in ("swiglu", "geglu"):
+        fields["gated_mlp"] = False
+    moe, mla = getattr(arch, "moe", None), getattr(arch, "mla", None)
+    if moe is not None and not isinstance(moe, int):  # models.arch.MoE
+        fields |= {
+            "num_experts": moe.num_experts,
+            "top_k": moe.top_k,
+            "moe_ffn_hidden_size": moe.ffn_hidden_size,
+            "shared_expert_ffn_hidden_size": moe.shared_ffn_hidden_size,
+            "first_dense_layers": moe.first_dense_layers,
+        }
+    else:
+        fields |= {k: getattr(arch, k) for k in ("num_experts", "top_k") if hasattr(arch, k)}
+    if mla is not None:  # models.arch.MLA
+        fields |= {
+            "kv_lora_rank": mla.kv_lora_rank,
+            "q_lora_rank": mla.q_lora_rank or 0,
+            "qk_head_dim": mla.qk_nope_head_dim,
+            "qk_rope_head_dim": mla.qk_rope_head_dim,
+            "v_head_dim": mla.v_head_dim,
+        }
+    elif hasattr(arch, "kv_lora_rank"):
+        fields["kv_lora_rank"] = arch.kv_lora_rank
     return PlanArch(**fields)
 
 

@@ -15,12 +15,9 @@ RECORD = "scaling.json"
 
 
 def _arch(model) -> object:
-    from models.llama import resolve_arch
+    from train.config import ModelConfig
 
-    skip = ("family", "size", "extra")
-    overrides = {k: v for k, v in dict(model).items() if k not in skip and v is not None}
-    overrides.update(dict(model.get("extra") or {}))  # ModelConfig.extra: any other Arch field
-    return resolve_arch(model["family"], model["size"], **overrides)
+    return ModelConfig(**OmegaConf.to_container(model, resolve=True)).arch()
 
 
 def isoflop_tokens(flops: float, model, vocab_size: int, batch_tokens: int) -> int:
@@ -29,6 +26,14 @@ def isoflop_tokens(flops: float, model, vocab_size: int, batch_tokens: int) -> i
 
     n = param_count(_arch(model), vocab_size=padded_vocab_size(int(vocab_size), 1)).total
     return max(1, int(float(flops) / (6 * n)) // int(batch_tokens)) * int(batch_tokens)
+
+
+def isoflop_warmup(tokens: int, batch_tokens: int) -> int:
+    """Warm-up of a sweep run: min(2000 steps, 10% of the steps) in whole batches (hparams.py's rule)."""
+    from parallel.plan.hparams import WARMUP_MAX_FRACTION, WARMUP_STEPS
+
+    steps = int(tokens) // int(batch_tokens)
+    return min(WARMUP_STEPS, int(WARMUP_MAX_FRACTION * steps)) * int(batch_tokens)
 
 
 def llama_ffn(hidden: int) -> int:
@@ -45,8 +50,15 @@ def sci(x: float) -> str:
 
 
 def register_resolvers() -> None:
-    """`${isoflop_tokens:...}`, `${llama_ffn:...}` and `${sci:...}` for the sweep configs (idempotent)."""
-    for name, fn in (("isoflop_tokens", isoflop_tokens), ("llama_ffn", llama_ffn), ("sci", sci)):
+    """`${isoflop_tokens:...}`, `${isoflop_warmup:...}`, `${llama_ffn:...}`, `${sci:...}` for the sweep configs
+    (idempotent)."""
+    resolvers = {
+        "isoflop_tokens": isoflop_tokens,
+        "isoflop_warmup": isoflop_warmup,
+        "llama_ffn": llama_ffn,
+        "sci": sci,
+    }
+    for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

@@ -65,6 +65,13 @@ def test_too_few_points_is_a_clear_error():
     with pytest.raises(ConfigError, match="fit.runs=4: the parametric L"):
         fit_parametric(synthetic(budgets=[1e18], per_budget=4))
     assert isoflop_fits(synthetic(budgets=[1e18], per_budget=2)) == []
+    # Sizes all on one side of the optimum (as in a too-small CPU sweep): no minimum to report.
+    one_side = [
+        p
+        for p in synthetic(budgets=[1e18, 1e19], per_budget=9)
+        if p.n_params > 1.5 * EPOCH.optimal(p.flops)[0]
+    ]
+    assert isoflop_fits(one_side) == []
 
 
 def test_cli_writes_json_and_png(tmp_path, capsys):

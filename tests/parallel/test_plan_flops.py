@@ -98,3 +98,16 @@ def test_device_table_and_peaks():
         peak_flops("tpu")
     # 1M H100-hours at 40% MFU: 1.42e24 FLOPs (about a 110B model at 20 tokens per parameter).
     assert budget_from_gpu_hours(1e6, gpu="h100_sxm", mfu=0.4) == pytest.approx(1.4248e24, rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral", "mixtral", "deepseek_v2"])
+def test_planner_count_equals_models_count_on_every_size(family):
+    # The planner's minimal count (no biases, two norms per layer) agrees exactly with models/count.py on the
+    # families without QKV biases or extra norms (qwen2, gemma2 differ by < 0.01%), so either can be used.
+    from models import count
+    from models.registry import sizes
+
+    for name, arch in sizes(family).items():
+        v = arch.vocab_size or 32000
+        ours, theirs = param_count(as_plan_arch(arch), vocab_size=v), count.param_count(arch, vocab_size=v)
+        assert (ours.total, ours.active) == (theirs.total, theirs.active), name

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -129,13 +128,34 @@ def test_every_plan_example_composes_and_plans(example):
 
 
 def test_layout_fields_follow_the_run_schema():
-    names = {f.name for f in dataclasses.fields(ParallelLayout)}
     fields, why = parallel_fields(Layout(tp=2, dp=4, sp=True, micro_batch=2), gpus_per_node=8, nodes=1)
-    assert why is None and fields["tp"] == 2 and fields["dp"] == 4 and fields["zero_stage"] == 1
-    _, why = parallel_fields(Layout(dp=4, ep=2), gpus_per_node=4, nodes=1)
-    assert (why is None) == ("ep" in names)
-    if "ep" not in names:
-        assert why == "parallel.layout has no ep field (ep=2)"
+    assert why is None and (fields["tp"], fields["dp"], fields["zero_stage"], fields["sp"]) == (2, 4, 1, True)
+    fields, why = parallel_fields(
+        Layout(tp=2, pp=2, vpp=2, dp=2, ep=2, sp=True, recompute="selective"), gpus_per_node=8, nodes=1
+    )
+    assert why is None and (fields["pp"], fields["vpp"], fields["ep"], fields["recompute"]) == (
+        2,
+        2,
+        2,
+        "selective",
+    )
+    ParallelLayout(**fields)  # the run's own validation takes it
+    # A layout the run refuses (here: deepspeed with TP) is not writable, with the layout's own reason.
+    _, why = parallel_fields(Layout(tp=2, dp=4, engine="deepspeed", zero=3), gpus_per_node=8, nodes=1)
+    assert why is not None and why.startswith("parallel.tp=2: engine=deepspeed runs data parallel only")
+
+
+def test_moe_model_fields_compose_as_an_arch():
+    from parallel.plan.emit import model_fields
+    from parallel.plan.flops import as_plan_arch, param_count
+    from parallel.plan.shape import moe_shape
+    from train.config import ModelConfig
+
+    arch = moe_shape(2e8, vocab_size=32000, num_experts=16, top_k=2)
+    fields, why = model_fields(arch, seq_length=4096)
+    assert why is None and fields["extra"]["moe"]["num_experts"] == 16
+    built = as_plan_arch(ModelConfig(**fields).arch())
+    assert param_count(built, vocab_size=32000) == param_count(arch, vocab_size=32000)
 
 
 @pytest.mark.slow  # two interpreters that import torch: ~20 s each on a loaded 2-core machine
@@ -170,3 +190,49 @@ def test_plan_with_a_fitted_law(tmp_path):
         ConfigError, match="plan.fitted_law=.*need a fit.json from `python -m parallel.plan.fit`"
     ):
         plan(PlanConfig(flops=1e21, fitted_law=str(tmp_path / "bad.json")), **H100)
+
+
+def test_generated_cluster_plan_with_pipeline_composes_and_validates():
+    from parallel.plan.__main__ import PlannerConfig, run
+    from train.config import ClusterConfig
+
+    name = f"test_plan_h100_{os.getpid()}"
+    out = ROOT / "configs" / "generated"
+    req = PlanConfig(name=name, flops=5.76e23, vocab_size=32000, seq_length=2048, out_dir=str(out))
+    cluster = ClusterConfig(name="h100_sxm", gpu="h100_sxm", gpus_per_node=8, max_nodes=128,
+                            intra_node_gbps=450, inter_node_gbps=50)  # fmt: skip
+    try:
+        run(PlannerConfig(plan=req, cluster=cluster), configs_dir=str(ROOT / "configs"))
+        cfg = _compose_generated(name)
+    finally:
+        (out / f"{name}.yaml").unlink(missing_ok=True)
+    p = plan(req, **H100)
+    chosen, hp, why = config_choice(p)
+    assert chosen is p.best and why is None  # the run's schema takes the fastest layout (PP and VPP here)
+    par = cfg.parallel
+    assert (par.tp, par.pp, par.vpp, par.dp_size, par.nnodes) == (
+        chosen.layout.tp,
+        chosen.layout.pp,
+        chosen.layout.vpp,
+        chosen.layout.dp,
+        p.nodes,
+    )
+    assert cfg.cluster.name == "h100_sxm" and cfg.recipe.stages["base"].batch_tokens == hp.batch_tokens
+
+
+def test_generated_config_renders_as_a_slurm_job():
+    from parallel.plan.__main__ import PlannerConfig, run
+    from slurm import submit
+    from train.config import ClusterConfig
+
+    name = f"test_plan_slurm_{os.getpid()}"
+    out = ROOT / "configs" / "generated"
+    req = PlanConfig(name=name, flops=1e22, vocab_size=32000, seq_length=4096, nodes=4, out_dir=str(out))
+    cluster = ClusterConfig(name="h100_sxm", gpu="h100_sxm", gpus_per_node=8, max_nodes=128)
+    try:
+        run(PlannerConfig(plan=req, cluster=cluster), configs_dir=str(ROOT / "configs"))
+        cfg = submit.load_config([f"+generated={name}"])
+        jobs = submit.plan_training(cfg, [f"+generated={name}"])
+    finally:
+        (out / f"{name}.yaml").unlink(missing_ok=True)
+    assert len(jobs) == 1 and "#SBATCH --nodes=4" in jobs[0].text and "+generated=" in jobs[0].text

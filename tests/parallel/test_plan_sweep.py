@@ -25,7 +25,7 @@ def _cfg(overrides, *, hydra=False):
         )
 
 
-@pytest.mark.parametrize(("flops", "width"), [(1e13, 64), (3e13, 256), (1e14, 384)])
+@pytest.mark.parametrize(("flops", "width"), [(2e11, 128), (1e13, 64), (3e13, 256), (1e14, 384)])
 def test_each_run_trains_c_over_6n_tokens(flops, width):
     cfg = to_config(_cfg([f"recipe.flops={flops}", f"model.hidden_size={width}"]))
     arch = cfg.model.arch()
@@ -33,6 +33,7 @@ def test_each_run_trains_c_over_6n_tokens(flops, width):
     n = param_count(arch, vocab_size=padded_vocab_size(cfg.data.tokenizer.vocab_size, 1)).total
     base = cfg.recipe.stages["base"]
     assert base.tokens % base.batch_tokens == 0
+    assert base.warmup_tokens == min(2000, base.steps // 10) * base.batch_tokens < base.tokens
     assert 6 * n * base.tokens == pytest.approx(flops, rel=base.batch_tokens / base.tokens + 1e-9)
     assert cfg.run_dir == f"runs/kiln/isoflop/C{sci(flops)}_d{width}" and cfg.recipe.flops == flops
 
