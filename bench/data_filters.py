@@ -76,10 +76,14 @@ def main() -> None:
     ftext._CHUNK_TOKENS.clear()
     _, chain_s = _cpu(FilterChain(cfg), docs)
     print(f"{len(docs)} documents ({sum(map(len, docs)) / len(docs):,.0f} characters on average)\n")
-    print("| filter | identical decisions | dropped (datatrove) | datatrove docs/CPU-s | Kiln docs/CPU-s | ratio |")
+    print(
+        "| filter | identical decisions | dropped (datatrove) | datatrove docs/CPU-s | Kiln docs/CPU-s | ratio |"
+    )
     print("|---|---|---|---|---|---|")
     for name, same, dropped, r, o, x in rows:
-        print(f"| {name} | {same}/{len(docs)} ({100 * same / len(docs):.2f}%) | {dropped} | {r:,.0f} | {o:,.0f} | {x:.1f}x |")
+        print(
+            f"| {name} | {same}/{len(docs)} ({100 * same / len(docs):.2f}%) | {dropped} | {r:,.0f} | {o:,.0f} | {x:.1f}x |"
+        )
     print(
         f"| all four, one pass (Kiln chain vs datatrove's four runs) | - | - | {len(docs) / ref_total:,.0f} | "
         f"{len(docs) / chain_s:,.0f} | {ref_total / chain_s:.1f}x |"
