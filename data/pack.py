@@ -40,7 +40,7 @@ def _encode_packed(texts: list[str]) -> tuple[bytes, list[int]]:
     documents' lengths (the work `IndexedDatasetBuilder.add_document` does per document)."""
     ids = _encode(texts)
     lengths = [len(x) + 1 for x in ids]
-    flat = np.fromiter((t for x in ids for t in (*x, _EOD)), dtype=_DTYPE, count=sum(lengths))
+    flat = np.concatenate([np.array(x + [_EOD], dtype=_DTYPE) for x in ids]) if ids else np.zeros(0, _DTYPE)
     return flat.tobytes(), lengths
 
 

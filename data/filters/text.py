@@ -40,9 +40,22 @@ PUNCTUATION_SET = frozenset(PUNCTUATION) | TERMINAL_PUNCTUATION
 
 @lru_cache(maxsize=1)
 def _nlp():
+    """spaCy's blank English pipeline: its vocabulary's lexical attributes (is_punct, ...)."""
     import spacy
 
     return spacy.blank("en")
+
+
+@lru_cache(maxsize=1)
+def _tokenizer():
+    """The same English tokenizer on a vocabulary that computes no lexical attributes: tokenization reads
+    only the prefix/suffix/infix rules and special cases, and a new word's attributes (shape, like_num,
+    ...) were most of the tokenizer's time on unseen text."""
+    import spacy
+
+    nlp = spacy.blank("en")
+    nlp.vocab.lex_attr_getters = {}
+    return nlp.tokenizer
 
 
 @lru_cache(maxsize=1)
@@ -65,7 +78,7 @@ def chunk_tokens(chunk: str) -> tuple[str, ...]:
     if toks is None:
         if len(_CHUNK_TOKENS) >= _CACHE_LIMIT:
             _CHUNK_TOKENS.clear()
-        toks = tuple(t.text for t in _nlp().tokenizer(chunk))
+        toks = tuple(t.text for t in _tokenizer()(chunk))
         _CHUNK_TOKENS[chunk] = toks
     return toks
 
