@@ -121,9 +121,9 @@ def test_words_and_sentences_match_datatrove_tokenizer():
 def corpus():
     from data.samples import mixed_corpus
 
-    docs = mixed_corpus(300)
-    if len(docs) < 300:
-        pytest.skip("fewer than 300 real documents installed (package docs / fortunes / handbook)")
+    docs = mixed_corpus(200)
+    if len(docs) < 200:
+        pytest.skip("fewer than 200 real documents installed (package docs / fortunes / handbook)")
     return docs
 
 
