@@ -14,7 +14,7 @@ from data.prepare import load_prepared, prepare_data, prepared_dir
 from data.tokenizer import load_tokenizer
 from models.llama import padded_vocab_size
 from parallel import engine
-from train import checkpoint
+from train import checkpoint, signals
 from train.config import TrainConfig
 from train.logs import MetricSinks, set_stage, setup_logging
 from train.loop import Run, StageResult, run_stage
@@ -28,6 +28,8 @@ def init_checkpoint(cfg: TrainConfig, init_from: str | None) -> str | None:
     if init_from is None:
         return None
     directory = checkpoint.stage_dir(cfg.run_dir, init_from) if init_from in cfg.recipe.stages else init_from
+    if checkpoint.latest(checkpoint.averaged_dir(directory)) is not None:
+        directory = checkpoint.averaged_dir(directory)  # a stage that averaged its checkpoints hands that on
     path = (
         directory
         if os.path.exists(os.path.join(directory, checkpoint.STATE_FILE))
@@ -43,6 +45,7 @@ def init_checkpoint(cfg: TrainConfig, init_from: str | None) -> str | None:
 def run(cfg: TrainConfig) -> list[StageResult]:
     device = engine.pick_device(cfg.device)
     engine.init_distributed(device)
+    signals.install()  # USR1/TERM: checkpoint and requeue at the next step end
     rank = dist.get_rank()
     setup_logging(
         rank=rank, level=cfg.logging.level, log_file=os.path.join(cfg.run_dir, "logs", f"rank{rank}.log")
@@ -93,5 +96,9 @@ def _run(cfg: TrainConfig, device: torch.device) -> list[StageResult]:
         report = format_report(cfg, results, sample=sample)
         with open(os.path.join(cfg.run_dir, "report.md"), "w") as f:
             f.write(report + "\n")
+        # N, D, C and the final loss for scaling-law fits (python -m parallel.plan.fit).
+        from parallel.plan.sweep import write_record
+
+        write_record(cfg, results, vocab_size=padded_vocab_size(tokenizer.vocab_size, cfg.parallel.tp))
         print(report, flush=True)  # the job's product on stdout
     return results
