@@ -41,7 +41,9 @@ def main() -> None:
 
     originals = [d for d in mixed_corpus(args.docs) if len(d.split()) >= 50]
     print(f"{len(originals)} originals of 50+ words\n")
-    print("| edits | documents | docs/CPU-s (signatures + LSH) | recall | originals removed (clustered with an earlier document) |")
+    print(
+        "| edits | documents | docs/CPU-s (signatures + LSH) | recall | originals removed (clustered with an earlier document) |"
+    )
     print("|---|---|---|---|---|")
     for rate in (0.01, 0.05, 0.10):
         rng = random.Random(0)
