@@ -22,7 +22,13 @@ import numpy as np
 
 _WS = re.compile(r"\s+")
 _WORD = re.compile(r"\w+")
-_PRIME = np.uint64((1 << 61) - 1)  # Mersenne prime modulus of the universal hash family
+
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    """The splitmix64 finalizer (Steele et al. 2014), elementwise on uint64 with wrap-around."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
 
 def content_key(text: str) -> bytes:
@@ -61,13 +67,13 @@ class MinHasher:
         self.ngram, self.bands, self.rows = ngram, bands, rows
         rng = np.random.default_rng(seed)
         k = bands * rows
-        # h_i(x) = (a_i * x + b_i) mod (2^61 - 1) with x, a_i, b_i < 2^32: a_i * x + b_i < 2^64, no overflow.
-        self.a = rng.integers(1, 1 << 32, size=k, dtype=np.uint64)
-        self.b = rng.integers(0, 1 << 32, size=k, dtype=np.uint64)
+        # h_i(x) = splitmix64(x xor s_i): a 64-bit mixer per seed. Linear hashes (a x + b mod p) are only
+        # 2-universal and bias the MinHash estimate on real shingle sets; a full mixer does not.
+        self.seeds = rng.integers(0, np.iinfo(np.uint64).max, size=k, dtype=np.uint64, endpoint=True)
         self._word_hash: dict[str, int] = {}
 
     def shingles(self, text: str) -> np.ndarray:
-        """Distinct 32-bit hashes of the document's word n-grams (a short document is one shingle)."""
+        """Distinct 64-bit hashes of the document's word n-grams (a short document is one shingle)."""
         cache = self._word_hash
         words = _words(text)
         if not words:
@@ -84,15 +90,14 @@ class MinHasher:
         h = np.zeros(m, dtype=np.uint64)
         for k in range(n):  # polynomial hash of each window, wrapping at 2^64
             h = h * np.uint64(0x100000001B3) + ids[k : k + m]
-        return np.unique((h >> np.uint64(32)) ^ (h & np.uint64(0xFFFFFFFF)))
+        return np.unique(h)
 
     def signature(self, text: str) -> np.ndarray:
         """(bands * rows,) uint64 MinHash signature; all-ones for a document without words."""
         x = self.shingles(text)
-        sig = np.full(len(self.a), np.iinfo(np.uint64).max, dtype=np.uint64)
+        sig = np.full(len(self.seeds), np.iinfo(np.uint64).max, dtype=np.uint64)
         for start in range(0, len(x), 2048):  # bound the (shingles, hashes) temporary to ~1.8 MB
-            block = x[start : start + 2048, None]
-            np.minimum(sig, ((block * self.a + self.b) % _PRIME).min(axis=0), out=sig)
+            np.minimum(sig, _splitmix64(x[start : start + 2048, None] ^ self.seeds).min(axis=0), out=sig)
         return sig
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 
 import numpy as np
 
@@ -20,34 +19,33 @@ CHUNK_DOCS = 256
 _SP = None
 
 
-def _init(model_path: str) -> None:
-    global _SP
+_EOD = 0
+_DTYPE = np.uint16
+
+
+def _init(model_path: str, eod: int = 0, dtype=np.uint16) -> None:
+    global _SP, _EOD, _DTYPE
     import sentencepiece as spm
 
     _SP = spm.SentencePieceProcessor(model_file=model_path)
+    _EOD, _DTYPE = eod, dtype
 
 
 def _encode(texts: list[str]) -> list[list[int]]:
-    return _SP.encode(texts)
+    return _SP.encode(texts, num_threads=1)  # one core per process: the pool gives the parallelism
+
+
+def _encode_packed(texts: list[str]) -> tuple[bytes, list[int]]:
+    """A chunk as the bytes of its token ids, an end-of-document token after each document, and the
+    documents' lengths (the work `IndexedDatasetBuilder.add_document` does per document)."""
+    ids = _encode(texts)
+    lengths = [len(x) + 1 for x in ids]
+    flat = np.concatenate([np.array(x + [_EOD], dtype=_DTYPE) for x in ids]) if ids else np.zeros(0, _DTYPE)
+    return flat.tobytes(), lengths
 
 
 def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
-
-
-def encode_documents(texts: list[str], *, model_path: str, workers: int = 1) -> Iterator[list[int]]:
-    """Token ids of each text (no end-of-document token), in input order."""
-    chunks = [texts[i : i + CHUNK_DOCS] for i in range(0, len(texts), CHUNK_DOCS)]
-    if workers > 1 and len(chunks) > 1:
-        import multiprocessing as mp
-
-        with mp.get_context("spawn").Pool(workers, initializer=_init, initargs=(model_path,)) as pool:
-            for ids in pool.imap(_encode, chunks):
-                yield from ids
-        return
-    _init(model_path)
-    for chunk in chunks:
-        yield from _encode(chunk)
 
 
 def pack(
@@ -60,10 +58,28 @@ def pack(
     dtype = token_dtype(vocab_size)
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
     tokens = 0
-    for ids in encode_documents(texts, model_path=model_path, workers=workers):
-        arr = np.asarray(ids + [eod], dtype=dtype)
-        builder.add_document(arr, [len(arr)])
-        tokens += len(arr)
+    chunks = [texts[i : i + CHUNK_DOCS] for i in range(0, len(texts), CHUNK_DOCS)]
+    if workers > 1 and len(chunks) > 1:
+        import multiprocessing as mp
+
+        pool = mp.get_context("spawn").Pool(workers, initializer=_init, initargs=(model_path, eod, dtype))
+        results = pool.imap(_encode_packed, chunks)  # in order: the dataset keeps the input order
+    else:
+        pool = None
+        _init(model_path, eod, dtype)
+        results = map(_encode_packed, chunks)
+    try:
+        for buf, lengths in results:
+            # Equivalent to builder.add_document(doc, [len(doc)]) for each document of the chunk.
+            builder.data_file.write(buf)
+            for n in lengths:
+                builder.sequence_lengths.append(n)
+                builder.document_indices.append(len(builder.sequence_lengths))
+            tokens += sum(lengths)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
     builder.finalize(prefix + ".idx")
     return {
         "documents": len(texts),

@@ -61,8 +61,18 @@ def prepared_dir(data_cfg) -> str:
     return os.path.join(data_cfg.cache_dir, config_hash(data_cfg))
 
 
+# Settings the per-shard steps do not read: changing them reuses the finished shards.
+NOT_IN_SHARDS = (*NOT_HASHED, "tokenizer", "valid_percent", "seed")
+
+
 def work_dir(data_cfg) -> str:
-    return os.path.join(data_cfg.cache_dir, "work", config_hash(data_cfg))
+    """Where the shards live, keyed by the settings the per-shard steps read (sources, filters, dedup,
+    PII, size limits), so a new tokenizer or validation split reuses every finished shard."""
+    content = dataclasses.asdict(data_cfg)
+    for key in NOT_IN_SHARDS:
+        content.pop(key, None)
+    key = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return os.path.join(data_cfg.cache_dir, "work", key)
 
 
 def load_prepared(root: str) -> PreparedData:

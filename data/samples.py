@@ -76,7 +76,7 @@ def mixed_corpus(limit: int) -> list[str]:
     parts = [package_docs(limit // 2)]
     for lang in fortune_languages():
         parts.append(fortunes(lang, per_doc=10))
-    parts.append([t for t in (html_to_text(h) for h in handbook_pages()) if t])
+    parts.append([t for t in (html_to_text(h) for h in handbook_pages()[: max(1, limit // 4)]) if t])
     out: list[str] = []
     i = 0
     while len(out) < limit and any(i < len(p) for p in parts):  # interleave the kinds

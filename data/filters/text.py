@@ -10,6 +10,7 @@ pipeline, no sentencizer) and once per document for all filters is most of the s
 
 from __future__ import annotations
 
+import re
 from functools import cached_property, lru_cache
 
 # datatrove/utils/text.py PUNCTUATION (symbols, CJK brackets and C0/C1 control characters) and
@@ -39,9 +40,22 @@ PUNCTUATION_SET = frozenset(PUNCTUATION) | TERMINAL_PUNCTUATION
 
 @lru_cache(maxsize=1)
 def _nlp():
+    """spaCy's blank English pipeline: its vocabulary's lexical attributes (is_punct, ...)."""
     import spacy
 
     return spacy.blank("en")
+
+
+@lru_cache(maxsize=1)
+def _tokenizer():
+    """The same English tokenizer on a vocabulary that computes no lexical attributes: tokenization reads
+    only the prefix/suffix/infix rules and special cases, and a new word's attributes (shape, like_num,
+    ...) were most of the tokenizer's time on unseen text."""
+    import spacy
+
+    nlp = spacy.blank("en")
+    nlp.vocab.lex_attr_getters = {}
+    return nlp.tokenizer
 
 
 @lru_cache(maxsize=1)
@@ -51,39 +65,65 @@ def _sentence_punct() -> frozenset[str]:
     return frozenset(Sentencizer.default_punct_chars)
 
 
-def spacy_tokens(text: str):
-    """spaCy's English tokenizer output (a Doc) for `text`."""
-    tok = _nlp().tokenizer
-    return tok(text)
+_CHUNK_TOKENS: dict[str, tuple[str, ...]] = {}
+_CACHE_LIMIT = 2_000_000
+_WS_RUN = re.compile(r"(\s+)")
+
+
+def chunk_tokens(chunk: str) -> tuple[str, ...]:
+    """spaCy's tokens of one whitespace-free chunk, cached. spaCy's tokenizer splits text at whitespace
+    first and tokenizes each chunk alone (prefixes, suffixes, infixes, special cases), so a document's
+    tokens are its chunks' tokens in order and a chunk seen once never needs the tokenizer again."""
+    toks = _CHUNK_TOKENS.get(chunk)
+    if toks is None:
+        if len(_CHUNK_TOKENS) >= _CACHE_LIMIT:
+            _CHUNK_TOKENS.clear()
+        toks = tuple(t.text for t in _tokenizer()(chunk))
+        _CHUNK_TOKENS[chunk] = toks
+    return toks
 
 
 def split_words(text: str) -> list[str]:
     """datatrove's `split_into_words(text, "en")`: spaCy tokens, stripped, whitespace-only ones dropped."""
-    from spacy.attrs import IDX, LENGTH
-
-    out = []
-    for start, length in spacy_tokens(text).to_array([IDX, LENGTH]).tolist():  # no Token objects
-        s = text[start : start + length].strip()
-        if s:
-            out.append(s)
+    out: list[str] = []
+    get = _CHUNK_TOKENS.get
+    for chunk in text.split():
+        toks = get(chunk)
+        out.extend(toks if toks is not None else chunk_tokens(chunk))
     return out
 
 
+def _line_tokens(line: str):
+    """The tokens spaCy makes of a stripped line, whitespace tokens included: a whitespace run is a
+    token, less its first character when that is a plain space (spaCy keeps it as trailing space)."""
+    for piece in _WS_RUN.split(line):
+        if not piece:
+            continue
+        if piece[0].isspace():
+            rest = piece[1:] if piece[0] == " " else piece
+            if rest:
+                yield rest
+        else:
+            yield from chunk_tokens(piece)
+
+
+@lru_cache(maxsize=1 << 16)
+def _is_punct(token: str) -> bool:
+    return bool(_nlp().vocab[token].is_punct)
+
+
 def count_sentences(text: str) -> int:
-    """len(datatrove `split_into_sentences(text, "en")`): sentences by spaCy's Sentencizer rule (a new
-    sentence starts at the first non-punctuation token after a sentence-final mark). Text without any
-    sentence-final character is one sentence and is never tokenized."""
+    """len(datatrove `split_into_sentences(text, "en")`) for a stripped line: sentences by spaCy's
+    Sentencizer rule (a new sentence starts at the first non-punctuation token after a sentence-final
+    mark). Text without any sentence-final character is one sentence."""
     punct = _sentence_punct()
     if not any(c in punct for c in text):
         return 1
-    doc = spacy_tokens(text)
-    if len(doc) == 0:
-        return 1  # datatrove's split yields [text] when the tokenizer finds no sentence
     starts = 1
     seen_period = False
-    for token in doc:
-        in_punct = token.text in punct
-        if seen_period and not token.is_punct and not in_punct:
+    for token in _line_tokens(text):
+        in_punct = token in punct
+        if seen_period and not in_punct and not _is_punct(token):
             starts += 1
             seen_period = False
         elif in_punct:

@@ -166,3 +166,25 @@ def test_blend_follows_weights_and_holds_out_validation(prepared, megatron_world
     assert len(mb) == 2 and mb[0]["tokens"].shape == (2, 64)
     assert (mb[0]["labels"][:, :-1] == mb[0]["tokens"][:, 1:]).all()
     assert step_indices(2, batch_sequences=8, dp_rank=1, dp_size=2) == range(20, 24)
+
+
+def test_bad_documents_are_counted_and_finished_shards_survive_a_failed_run(tmp_path):
+    rows = [{"text": f"document {i} " + "word " * 30} for i in range(12)]
+    rows += [{"text": "x" * 5000}, {"text": ""}, {"text": "tiny"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(
+        sources={"s": SourceConfig(kind="files", paths=[str(tmp_path / "*.jsonl")])},
+        tokenizer=TokenizerConfig(vocab_size=300, train_bytes=10_000),
+        cache_dir=str(tmp_path / "cache"),
+        max_doc_bytes=4000,
+        valid_percent=2,
+    )
+    with pytest.raises(ConfigError, match="valid_percent"):  # 12 documents: 2% holds out none
+        prepare_data(cfg)
+    shard = next((tmp_path / "cache" / "work").glob("*/shards/s/*/manifest.json"))
+    counts = json.loads(shard.read_text())
+    assert counts["dropped"] == {"too_large": 1, "too_short": 2} and counts["documents_kept"] == 12
+    before = shard.stat().st_mtime
+    cfg.valid_percent = 10  # not a per-shard setting: the finished shard is reused
+    prepared = prepare_data(cfg)
+    assert shard.stat().st_mtime == before and prepared.manifest["sources"]["s"]["documents_kept"] == 12
