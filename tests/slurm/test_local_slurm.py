@@ -166,10 +166,10 @@ def test_hydra_multirun_sweep_through_submitit(tmp_path, data_cache):
         records = read_metrics(sweep / f"lr{num}")
         first = next(r for r in records if r.get("step") == 1 and "lr" in r)
         assert first["lr"] == pytest.approx(lr, rel=1e-12)
-        assert sorted(train_losses(records, "base")) == list(range(1, 17))
+        assert sorted(train_losses(records, "base")) == [1, 2, 3, 4]
         assert (sweep / f"lr{num}" / "report.md").exists()
     # Both points ran as Slurm jobs: submitit kept each job's result next to its log.
     results = sorted((sweep / ".submitit").glob("*/*_result.pkl"))
     assert len(results) == 2
-    for result in results:
-        assert job_info(result.parent.name)["JobState"] == "COMPLETED"
+    infos = wait_done([r.parent.name for r in results], timeout=120)  # each writes its result, then exits
+    assert [i["JobState"] for i in infos.values()] == ["COMPLETED", "COMPLETED"]
