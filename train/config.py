@@ -286,7 +286,9 @@ class SlurmOptions:
         limit = slurm_time_seconds(self.time)
         if limit is None:
             raise ConfigError(
-                "cluster.slurm.time", self.time, "use Slurm's format: MM, HH:MM:SS or D-HH:MM:SS, e.g. 04:00:00"
+                "cluster.slurm.time",
+                self.time,
+                "use Slurm's format: MM, HH:MM:SS or D-HH:MM:SS, e.g. 04:00:00",
             )
         if not 0 < self.signal_lead_s < limit:
             raise ConfigError(
