@@ -9,90 +9,34 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from models.llama import LlamaArch, resolve_arch
+from data.config import DataConfig
+from models.arch import Arch
+from models.registry import resolve_arch
 from parallel.layout import ParallelLayout
-from train.checkpoint import CheckpointConfig
+from train.checkpoint import CheckpointConfig, ResumeConfig
 from train.errors import ConfigError
 from train.schedule import SCHEDULES, WSD_DECAY_STYLES
 
-SOURCE_KINDS = ("python_stdlib", "package_docs", "files")
 WANDB_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
 
 
 # ----------------------------------------------------------------------------------------------- data
-@dataclass
-class SourceConfig:
-    kind: str = "files"
-    """python_stdlib (the interpreter's own .py sources), package_docs (README/.md/.rst and METADATA
-    descriptions of installed packages) or files (the `paths` globs: .jsonl with a `text` field, else plain text)."""
-    paths: list[str] = field(default_factory=list)
-    """Globs read by kind=files (`**` allowed)."""
-    max_docs: int | None = None
-    """Keep at most this many documents (after sorting inputs by path, so the choice is deterministic)."""
-    max_bytes: int | None = None
-    """Stop reading once this many UTF-8 bytes of documents are kept."""
-
-
-@dataclass
-class TokenizerConfig:
-    vocab_size: int = 4096
-    """SentencePiece vocabulary size (the model pads it to a multiple of 128)."""
-    model_type: str = "bpe"
-    """SentencePiece model type: bpe or unigram."""
-    byte_fallback: bool = True
-    """Unknown characters become UTF-8 byte tokens, so no text is ever <unk>."""
-    train_bytes: int = 8_000_000
-    """Bytes of text (sampled evenly over sources) used to train the tokenizer."""
-
-
-@dataclass
-class DataConfig:
-    sources: dict[str, SourceConfig] = field(default_factory=dict)
-    """Named sources; stage mixes refer to these names."""
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    cache_dir: str = "${run_dir}/data"
-    """Where prepared data lives; each preparation goes in a subdirectory named by the data config's hash."""
-    min_chars: int = 64
-    """Drop documents shorter than this many characters after normalization."""
-    valid_percent: int = 2
-    """Percent of each source's documents held out for validation."""
-    seed: int = 1234
-    """Seed of the blended dataset's sample order."""
-
-    def __post_init__(self) -> None:
-        if not self.sources:
-            raise ConfigError("data.sources", {}, "name at least one source, e.g. data=default")
-        for name, src in self.sources.items():
-            if src.kind not in SOURCE_KINDS:
-                raise ConfigError(
-                    f"data.sources.{name}.kind", src.kind, f"choose one of {', '.join(SOURCE_KINDS)}"
-                )
-            if src.kind == "files" and not src.paths:
-                raise ConfigError(
-                    f"data.sources.{name}.paths", [], "kind=files needs at least one path or glob"
-                )
-        if self.tokenizer.model_type not in ("bpe", "unigram"):
-            raise ConfigError("data.tokenizer.model_type", self.tokenizer.model_type, "choose bpe or unigram")
-        if not 256 < self.tokenizer.vocab_size <= 65_000:
-            raise ConfigError(
-                "data.tokenizer.vocab_size", self.tokenizer.vocab_size, "use 257..65000 (uint16 token files)"
-            )
-        if not 0 < self.valid_percent < 50:
-            raise ConfigError("data.valid_percent", self.valid_percent, "use a percent between 1 and 49")
+# The data group's schema (DataConfig, SourceConfig, TokenizerConfig, ...) lives in data/config.py.
 
 
 # ---------------------------------------------------------------------------------------------- model
 @dataclass
 class ModelConfig:
     family: str = "llama3"
-    """Model family (models/): llama3."""
+    """Model family (models/registry.py): llama3, mistral, mixtral, qwen2, gemma2, deepseek_v2."""
     size: str = "tiny"
-    """A size of the family, defined in code (models/llama.py SIZES)."""
+    """A size of the family, defined in code (e.g. models/llama.py sizes(); `tiny` for every family)."""
     num_layers: int | None = None
     """Overrides of the size's values; null keeps the size's own."""
     hidden_size: int | None = None
@@ -101,10 +45,21 @@ class ModelConfig:
     ffn_hidden_size: int | None = None
     rope_theta: float | None = None
     tie_embeddings: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Overrides of any other architecture field (models/arch.py Arch), e.g. `+model.extra.sliding_window=512`,
+    `+model.extra.rope={kind: yarn, factor: 4}` or `+model.extra.moe={top_k: 1}`."""
 
-    def arch(self) -> LlamaArch:
-        overrides = {k: v for k, v in vars(self).items() if k not in ("family", "size") and v is not None}
-        return resolve_arch(self.family, self.size, **overrides)
+    def arch(self) -> Arch:
+        overrides = {
+            k: v for k, v in vars(self).items() if k not in ("family", "size", "extra") and v is not None
+        }
+        extra = OmegaConf.to_container(self.extra) if isinstance(self.extra, DictConfig) else dict(self.extra)
+        clash = sorted(set(extra) & set(overrides))
+        if clash:
+            raise ConfigError(
+                f"model.extra.{clash[0]}", extra[clash[0]], f"set it as model.{clash[0]} instead"
+            )
+        return resolve_arch(self.family, self.size, **overrides, **extra)
 
     def __post_init__(self) -> None:
         self.arch()  # raises ConfigError naming the bad key
@@ -141,8 +96,13 @@ class StageConfig:
     """Where the weights start: null (random init), an earlier stage of the recipe, or a checkpoint directory."""
     keep_optimizer: bool = False
     """With init_from: also load the optimizer state (else it starts fresh)."""
-    rope_scaling_factor: float = 1.0
-    """Linear RoPE position interpolation (Chen et al. 2023): positions are divided by this factor."""
+    rope_theta: float | None = None
+    """RoPE base for this stage (null: the model's own). Raising it for a longer context is "ABF" (Xiong et
+    al. 2023); Llama 3 pre-trained at 500k."""
+    rope_scaling: dict[str, Any] = field(default_factory=dict)
+    """RoPE scaling for this stage, fields of models.arch.RopeScaling: {kind: linear|dynamic|yarn|llama3, factor,
+    original_context, ...}; empty keeps the model's own. A long-context stage sets it (and its later stages keep
+    it, since they continue that model)."""
     mix: dict[str, float] = field(default_factory=dict)
     """Sampling weight per data source name (normalized)."""
     eval_every_tokens: int = 0
@@ -151,6 +111,28 @@ class StageConfig:
     """Validation tokens per source."""
     save_every_tokens: int = 0
     """Checkpoint every this many tokens (0: only at the end of the stage)."""
+    average_last: int = 0
+    """After the stage, average the weights of its last this many checkpoints (the final one included) and
+    save the result under <stage>/averaged (0: no averaging); the stage keeps at least this many checkpoints
+    whatever checkpoint.keep_last says. Llama 3 does this at the end of annealing."""
+
+    def arch(self, model: Arch) -> Arch:
+        """The model architecture this stage trains: `model` with the stage's RoPE changes."""
+        import dataclasses
+
+        from models.arch import RopeScaling
+
+        changes: dict[str, Any] = {}
+        if self.rope_theta is not None:
+            changes["rope_theta"] = self.rope_theta
+        if self.rope_scaling:
+            scaling = dict(self.rope_scaling)
+            try:
+                changes["rope"] = RopeScaling(**scaling)
+            except TypeError as err:
+                known = ", ".join(f.name for f in dataclasses.fields(RopeScaling))
+                raise ConfigError("rope_scaling", scaling, f"{err}; its fields are {known}") from None
+        return dataclasses.replace(model, **changes) if changes else model
 
     def validate(self, name: str) -> None:
         key = f"recipe.stages.{name}"
@@ -193,8 +175,20 @@ class StageConfig:
             )
         if self.min_lr < 0 or (self.lr is not None and self.min_lr > self.lr):
             raise ConfigError(f"{key}.min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
-        if self.rope_scaling_factor < 1:
-            raise ConfigError(f"{key}.rope_scaling_factor", self.rope_scaling_factor, "must be >= 1")
+        if self.average_last:
+            every = self.save_every_tokens // self.batch_tokens if self.save_every_tokens else 0
+            saved = (self.steps - 1) // every + 1 if every else 1
+            if not 1 < self.average_last <= saved:
+                raise ConfigError(
+                    f"{key}.average_last",
+                    self.average_last,
+                    f"needs 2..{saved} (the checkpoints this stage saves: {self.steps} steps, one every "
+                    f"{every or self.steps}); save more often with save_every_tokens, or use 0",
+                )
+        if self.rope_theta is not None and self.rope_theta <= 0:
+            raise ConfigError(
+                f"{key}.rope_theta", self.rope_theta, "must be > 0, or null for the model's own"
+            )
         if not self.mix or any(w <= 0 for w in self.mix.values()):
             raise ConfigError(
                 f"{key}.mix", dict(self.mix), "give each source a weight > 0, e.g. {code: 0.7, docs: 0.3}"
@@ -215,6 +209,9 @@ class RecipeConfig:
     """Name of the recipe; the default run name."""
     stages: dict[str, StageConfig] = field(default_factory=dict)
     """Stages in the order they run (configs/stage/*.yaml, overridden by the recipe)."""
+    flops: float | None = None
+    """IsoFLOP sweeps: the training budget (FLOPs, C = 6ND) the stages' tokens are sized for
+    (configs/recipe/isoflop_sweep.yaml); recorded with the run's N, D and loss in scaling.json."""
 
 
 # -------------------------------------------------------------------------------------------- logging
@@ -359,6 +356,8 @@ class TrainConfig:
     cluster: ClusterConfig = MISSING
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Retention (keep last K, every M tokens) and verification of checkpoints (train/checkpoint.py)."""
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
+    """Config changes a resume may make on purpose (train/checkpoint.py check_resume)."""
     experiment: str = "kiln"
     """Run directory is runs/<experiment>/<name>."""
     name: str = "${recipe.name}"
@@ -377,6 +376,9 @@ class TrainConfig:
 
 def register() -> None:
     ConfigStore.instance().store(name="kiln_schema", node=TrainConfig)
+    from parallel.plan.sweep import register_resolvers  # ${isoflop_tokens:...} of the sweep recipe
+
+    register_resolvers()
 
 
 def to_config(cfg: DictConfig) -> TrainConfig:
@@ -387,11 +389,58 @@ def to_config(cfg: DictConfig) -> TrainConfig:
     return obj
 
 
+def _check_rope(name: str, stage: StageConfig, stages: dict[str, StageConfig], model: Arch) -> None:
+    """The stage's RoPE changes make a valid architecture, and reach its context: plain RoPE does not
+    extrapolate past the context the init_from stage trained at (Press et al. 2022, Fig. 1; Chen et al. 2023,
+    Sec. 1), and linear interpolation reaches exactly that context x its factor."""
+    key = f"recipe.stages.{name}"
+    try:
+        arch = stage.arch(model)
+        arch.validate()
+    except ConfigError as err:
+        field_key = err.key.replace("model.rope.", "rope_scaling.").replace("model.rope_theta", "rope_theta")
+        if field_key.startswith("model."):
+            raise
+        raise ConfigError(f"{key}.{field_key}", err.value, err.fix) from None
+    parent = stages.get(stage.init_from) if stage.init_from else None
+    if parent is None or stage.seq_length <= parent.seq_length:
+        return
+    before = parent.arch(model)
+
+    def effective(rope):  # kind none ignores the other fields
+        return None if rope.kind == "none" else rope
+
+    if effective(arch.rope) == effective(before.rope) and arch.rope_theta == before.rope_theta:
+        raise ConfigError(
+            f"{key}.seq_length",
+            stage.seq_length,
+            f"longer than the {parent.seq_length} tokens {stage.init_from} trained at with the same RoPE, which "
+            "does not extrapolate; set rope_scaling (e.g. {kind: linear, factor: "
+            f"{stage.seq_length / parent.seq_length:g}}}) or a larger rope_theta for this stage",
+        )
+    if arch.rope.kind == "linear":
+        trained_factor = before.rope.factor if before.rope.kind == "linear" else 1.0
+        reach = parent.seq_length * arch.rope.factor / trained_factor
+        if stage.seq_length > reach:
+            raise ConfigError(
+                f"{key}.rope_scaling",
+                dict(stage.rope_scaling),
+                f"linear factor {arch.rope.factor:g} reaches {reach:g} tokens from {stage.init_from}'s "
+                f"{parent.seq_length}, short of seq_length={stage.seq_length}; use factor "
+                f"{stage.seq_length / parent.seq_length * trained_factor:g}",
+            )
+
+
 def validate(cfg: TrainConfig) -> None:
     if cfg.device not in DEVICES:
         raise ConfigError("device", cfg.device, f"choose one of {', '.join(DEVICES)}")
     arch = cfg.model.arch()
-    cfg.parallel.check_model(heads=arch.num_attention_heads, kv_heads=arch.num_kv_heads)
+    cfg.parallel.check_model(
+        heads=arch.num_attention_heads,
+        kv_heads=arch.num_kv_heads,
+        layers=arch.num_layers,
+        experts=getattr(arch, "num_experts", None) or 0,
+    )
     stages = cfg.recipe.stages
     if not stages:
         raise ConfigError("recipe.stages", {}, "a recipe needs at least one stage")
@@ -405,13 +454,18 @@ def validate(cfg: TrainConfig) -> None:
                     stage.mix[src],
                     f"no such data source; sources are {sorted(cfg.data.sources)}",
                 )
-        cfg.parallel.check_batch(key=f"recipe.stages.{name}.batch_tokens", sequences=stage.batch_sequences)
+        cfg.parallel.check_batch(
+            key=f"recipe.stages.{name}.batch_tokens",
+            sequences=stage.batch_sequences,
+            seq_length=stage.seq_length,
+        )
         if stage.init_from is not None and stage.init_from not in seen and not os.path.isdir(stage.init_from):
             raise ConfigError(
                 f"recipe.stages.{name}.init_from",
                 stage.init_from,
                 f"name an earlier stage ({', '.join(seen) or 'none before this one'}) or an existing checkpoint directory",
             )
+        _check_rope(name, stage, stages, arch)
         if stage.lr is None and stage.init_from is None:
             raise ConfigError(
                 f"recipe.stages.{name}.lr",

@@ -3,6 +3,7 @@ an earlier stage, or its own latest checkpoint, and train for the stage's tokens
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -12,9 +13,10 @@ import torch.distributed as dist
 
 from data import blend
 from data.prepare import PreparedData
-from models.llama import build_model
-from parallel import engine
+from models.gpt import build_model
+from parallel.engines import OptimSettings, build_engine
 from train import checkpoint, signals
+from train.average import average_into, last_checkpoints
 from train.config import StageConfig, TrainConfig
 from train.logs import MetricSinks, Progress, set_stage
 from train.schedule import build_scheduler
@@ -35,6 +37,8 @@ class StageResult:
     """[first, last] logged training loss of the stage."""
     valid_start: dict[str, float] = field(default_factory=dict)
     valid_end: dict[str, float] = field(default_factory=dict)
+    valid_avg: dict[str, float] = field(default_factory=dict)
+    """Held-out loss of the averaged checkpoints (stage.average_last > 0), next to valid_end's last weights."""
     train_seconds: float = 0.0
     checkpoint: str = ""
 
@@ -52,56 +56,11 @@ class Run:
     sinks: MetricSinks
 
 
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def _valid_record(losses: dict[str, float], prefix: str = "valid") -> dict[str, float]:
+    return {f"{prefix}/{k}": v for k, v in losses.items()}
 
 
-def _forward_step(data_iterator, model):
-    """megatron-core forward step: per-token losses summed over the loss mask; the schedule divides by
-    the token count (and micro-batches), and the reported [sum, count] pair gives an exact token mean."""
-    batch = next(data_iterator)
-    output = model(
-        batch["tokens"], batch["position_ids"], None, labels=batch["labels"]
-    )  # (batch, seq) losses
-    mask = batch["loss_mask"]
-
-    def loss_func(losses: torch.Tensor):
-        loss = (losses.float() * mask).sum()
-        count = mask.sum().to(torch.int)
-        return loss, count, {"lm loss": torch.stack([loss.detach().clone(), count.float()])}
-
-    return output, loss_func
-
-
-def _dp_mean(pairs: list[torch.Tensor]) -> float:
-    """Token-mean loss over this rank's micro-batches and its data-parallel peers, from [sum, count] pairs."""
-    from megatron.core import parallel_state
-
-    total = torch.stack(pairs).sum(dim=0)
-    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-    return (total[0] / total[1]).item()
-
-
-def _fwd_bwd(run: Run, ddp, micro: list[dict], *, seq_length: int, forward_only: bool) -> float:
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    losses = get_forward_backward_func()(
-        forward_step_func=_forward_step,
-        data_iterator=iter([_to(mb, run.device) for mb in micro]),
-        model=[ddp],
-        num_microbatches=len(micro),
-        seq_length=seq_length,
-        micro_batch_size=run.cfg.parallel.micro_batch,
-        forward_only=forward_only,
-    )
-    return _dp_mean([entry["lm loss"] for entry in losses])
-
-
-def _valid_record(losses: dict[str, float]) -> dict[str, float]:
-    return {f"valid/{k}": v for k, v in losses.items()}
-
-
-def evaluate(run: Run, ddp, datasets: dict, stage: StageConfig) -> dict[str, float]:
+def evaluate(run: Run, engine, datasets: dict, stage: StageConfig) -> dict[str, float]:
     """Held-out loss per source, over `stage.eval_tokens` tokens (split over data-parallel ranks)."""
     from megatron.core import parallel_state
 
@@ -109,7 +68,7 @@ def evaluate(run: Run, ddp, datasets: dict, stage: StageConfig) -> dict[str, flo
     per_step = layout.dp_size * layout.micro_batch
     samples = max(per_step, stage.eval_tokens // stage.seq_length // per_step * per_step)
     out = {}
-    ddp.eval()
+    engine.eval()
     with torch.no_grad():
         for name, ds in datasets.items():
             idx = blend.step_indices(
@@ -119,13 +78,13 @@ def evaluate(run: Run, ddp, datasets: dict, stage: StageConfig) -> dict[str, flo
                 dp_size=layout.dp_size,
             )
             micro = blend.micro_batches(ds, idx, micro_batch=layout.micro_batch)
-            out[name] = _fwd_bwd(run, ddp, micro, seq_length=stage.seq_length, forward_only=True)
-    ddp.train()
+            out[name] = engine.forward_backward(micro, seq_length=stage.seq_length, forward_only=True)
+    engine.train()
     return out
 
 
-def _current_lr(optimizer) -> float:
-    return optimizer.param_groups[0]["lr"]
+def _current_lr(engine) -> float:
+    return engine.param_groups[0]["lr"]
 
 
 def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None) -> StageResult:
@@ -135,45 +94,45 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
     set_stage(name)
     directory = checkpoint.stage_dir(cfg.run_dir, name)
     resume = checkpoint.latest(directory)
-    if resume is not None and checkpoint.read_state(resume)["final"]:
-        log.info("stage %s is complete (%s); skipping", name, resume)
-        return StageResult(**checkpoint.read_state(resume))
+    averaged = checkpoint.latest(checkpoint.averaged_dir(directory)) if stage.average_last else None
+    if resume is not None and checkpoint.read_state(resume)["final"] and (averaged or not stage.average_last):
+        log.info("stage %s is complete (%s); skipping", name, averaged or resume)
+        return StageResult(**checkpoint.read_state(averaged or resume))
+    config_record = checkpoint.resume_record(cfg, name)
+    if resume is not None:
+        checkpoint.check_resume(resume, config_record, allow=cfg.resume.allow_config_change)
 
     dtype = torch.bfloat16 if run.device.type == "cuda" else torch.float32
-    model = build_model(
-        cfg.model.arch(),
-        vocab_size=run.vocab_size,
-        max_seq_length=stage.seq_length,
-        tp=layout.tp,
-        sp=layout.sp,
-        rope_scaling_factor=stage.rope_scaling_factor,
-        dtype=dtype,
-    ).to(run.device)
-    if dtype != torch.float32:
-        from megatron.core.transformer.module import Float16Module
-
-        model = Float16Module(model.config, model)
-    ddp = engine.wrap_ddp(model, layout)
-    engine.configure_schedule_hooks(ddp)
-
     peak_lr = stage.lr
     if resume is not None:
         peak_lr = checkpoint.read_state(resume)["peak_lr"]
     elif init_path is not None and peak_lr is None:
         peak_lr = checkpoint.read_state(init_path)["lr"]
-    optimizer = engine.build_optimizer(
-        ddp,
-        layout=layout,
-        lr=peak_lr,
-        min_lr=stage.min_lr,
-        weight_decay=stage.weight_decay,
-        betas=(stage.adam_beta1, stage.adam_beta2),
-        eps=stage.adam_eps,
-        clip_grad=stage.clip_grad,
-        bf16=dtype == torch.bfloat16,
+    # The engine (layout.engine) cuts the model into its stages, wraps it and owns the optimizer.
+    engine = build_engine(
+        layout,
+        build_model=lambda: build_model(
+            stage.arch(cfg.model.arch()),
+            vocab_size=run.vocab_size,
+            max_seq_length=stage.seq_length,
+            tp=layout.tp,
+            sp=layout.sp,
+            dtype=dtype,
+        ),
+        optim=OptimSettings(
+            lr=peak_lr,
+            min_lr=stage.min_lr,
+            weight_decay=stage.weight_decay,
+            betas=(stage.adam_beta1, stage.adam_beta2),
+            eps=stage.adam_eps,
+            clip_grad=stage.clip_grad,
+        ),
+        device=run.device,
+        dtype=dtype,
+        grad_accum=layout.accum_steps(stage.batch_sequences),
     )
     scheduler = build_scheduler(
-        optimizer,
+        engine,
         peak_lr=peak_lr,
         min_lr=stage.min_lr,
         tokens=stage.tokens,
@@ -189,8 +148,7 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         result = StageResult(
             **checkpoint.load(
                 resume,
-                model=ddp.module,
-                optimizer=optimizer,
+                engine=engine,
                 scheduler=scheduler,
                 full_verify=cfg.checkpoint.full_verify,
             )
@@ -199,11 +157,27 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
     elif init_path is not None:
         # Keep the previous stage's Adam moments when asked, never its schedule: its param groups carry
         # their own max_lr/min_lr, which megatron-core's scheduler would go on using.
-        schedule = [{k: g[k] for k in ("lr", "max_lr", "min_lr") if k in g} for g in optimizer.param_groups]
-        checkpoint.load(init_path, model=ddp.module, optimizer=optimizer if stage.keep_optimizer else None)
-        for group, own in zip(optimizer.param_groups, schedule, strict=True):
+        schedule = [{k: g[k] for k in ("lr", "max_lr", "min_lr") if k in g} for g in engine.param_groups]
+        checkpoint.load(init_path, engine=engine, load_optimizer=stage.keep_optimizer)
+        for group, own in zip(engine.param_groups, schedule, strict=True):
             group.update(own)
         log.info("initialized %s from %s (peak LR %.3g)", name, init_path, peak_lr)
+
+    # Averaging reads the stage's last checkpoints: retention keeps at least that many.
+    retention = dataclasses.replace(
+        cfg.checkpoint, keep_last=max(cfg.checkpoint.keep_last, stage.average_last)
+    )
+
+    def save() -> None:
+        result.checkpoint = checkpoint.path_for(directory, result.step)
+        checkpoint.save(
+            directory,
+            engine=engine,
+            scheduler=scheduler,
+            state=vars(result),
+            retention=retention,
+            record=config_record,
+        )
 
     steps = stage.steps
     train_ds = blend.train_dataset(
@@ -224,7 +198,7 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         valid_percent=cfg.data.valid_percent,
     )
     if result.step == 0:
-        result.valid_start = evaluate(run, ddp, valid_ds, stage)
+        result.valid_start = evaluate(run, engine, valid_ds, stage)
         run.sinks.write({"stage": name, "step": 0, "tokens": 0, **_valid_record(result.valid_start)})
         log.info("%s validation loss at start: %s", name, _fmt(result.valid_start))
 
@@ -241,15 +215,14 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
     window_start, window_tokens = time.time(), 0
     for step in range(result.step, steps):
         t0 = time.time()
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
+        engine.zero_grad()
         idx = blend.step_indices(
             step, batch_sequences=stage.batch_sequences, dp_rank=dp_rank, dp_size=layout.dp_size
         )
         micro = blend.micro_batches(train_ds, idx, micro_batch=layout.micro_batch)
-        lr = _current_lr(optimizer)
-        loss = _fwd_bwd(run, ddp, micro, seq_length=stage.seq_length, forward_only=False)
-        _, grad_norm, _ = optimizer.step()
+        lr = _current_lr(engine)
+        loss = engine.forward_backward(micro, seq_length=stage.seq_length)
+        grad_norm = engine.step()
         scheduler.step(increment=stage.batch_tokens)
         result.step, result.tokens, result.lr = step + 1, result.tokens + stage.batch_tokens, lr
         result.train_seconds += time.time() - t0
@@ -261,12 +234,12 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
             "tokens": result.tokens,
             "loss": loss,
             "lr": lr,
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "grad_norm": grad_norm,
         }
         is_log = result.step % cfg.logging.log_every_steps == 0 or result.step == steps
         is_eval = bool(eval_every) and result.step % eval_every == 0 and result.step != steps
         if is_eval:
-            record.update(_valid_record(evaluate(run, ddp, valid_ds, stage)))
+            record.update(_valid_record(evaluate(run, engine, valid_ds, stage)))
         if is_log or is_eval:
             elapsed = time.time() - window_start
             record["tokens_per_s"] = window_tokens / elapsed
@@ -282,26 +255,10 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
             log_line=is_log,
         )
         if save_every and result.step % save_every == 0 and result.step != steps:
-            result.checkpoint = checkpoint.path_for(directory, result.step)
-            checkpoint.save(
-                directory,
-                model=ddp.module,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                state=vars(result),
-                retention=cfg.checkpoint,
-            )
+            save()
         if signals.stop_requested(run.device):  # Slurm's USR1/TERM or the stop file, agreed by every rank
             if result.checkpoint != checkpoint.path_for(directory, result.step):
-                result.checkpoint = checkpoint.path_for(directory, result.step)
-                checkpoint.save(
-                    directory,
-                    model=ddp.module,
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    state=vars(result),
-                    retention=cfg.checkpoint,
-                )
+                save()
             progress.close()
             signals.stop(
                 run_dir=cfg.run_dir,
@@ -311,7 +268,7 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
                 checkpoint=result.checkpoint,
             )
     progress.close()
-    result.valid_end = evaluate(run, ddp, valid_ds, stage)
+    result.valid_end = evaluate(run, engine, valid_ds, stage)
     run.sinks.write(
         {
             "stage": name,
@@ -328,15 +285,25 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         _fmt(result.valid_end),
     )
     result.final = True
-    result.checkpoint = checkpoint.path_for(directory, result.step)
-    checkpoint.save(
-        directory,
-        model=ddp.module,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        state=vars(result),
-        retention=cfg.checkpoint,
-    )
+    save()
+    if stage.average_last:
+        average_into(engine, last_checkpoints(directory, stage.average_last))
+        result.valid_avg = evaluate(run, engine, valid_ds, stage)
+        run.sinks.write(
+            {"stage": name, "step": result.step, **_valid_record(result.valid_avg, prefix="valid_avg")}
+        )
+        log.info(
+            "%s: average of the last %d checkpoints: %s", name, stage.average_last, _fmt(result.valid_avg)
+        )
+        result.checkpoint = checkpoint.path_for(checkpoint.averaged_dir(directory), result.step)
+        checkpoint.save(
+            checkpoint.averaged_dir(directory),
+            engine=engine,
+            scheduler=scheduler,
+            state=vars(result),
+            retention=retention,
+            record=config_record,
+        )
     return result
 
 
