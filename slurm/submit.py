@@ -91,6 +91,18 @@ def plan_training(cfg: TrainConfig, overrides: list[str], *, one_job: bool = Fal
     return jobs
 
 
+def plan_sharded_run(
+    cfg: TrainConfig, overrides: list[str], *, num_shards: int, one_job: bool = False
+) -> list[Job]:
+    """The data prepared by a job array of `num_shards` tasks, then the training job(s) after all of them
+    (afterok on an array waits for every task). Training finds the prepared data in the cache: the shard
+    settings are not part of the data config's hash."""
+    data = plan_data_array(cfg, overrides, num_shards=num_shards)
+    train = plan_training(cfg, overrides, one_job=one_job)
+    train[0].after = "data"
+    return data + train
+
+
 def plan_data_array(cfg: TrainConfig, overrides: list[str], *, num_shards: int) -> list[Job]:
     directory = slurm_dir(cfg)
     text = render.render_data_array(cfg, overrides, num_shards=num_shards)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from slurm.submit import SlurmError, load_config, plan_data_array, plan_training, submit
+from slurm.submit import SlurmError, load_config, plan_data_array, plan_sharded_run, plan_training, submit
 from tests.conftest import ROOT
 from train.config import slurm_time_seconds
 from train.errors import ConfigError
@@ -270,3 +270,16 @@ def test_missing_slurm_binaries_are_named(tmp_path, monkeypatch):
     with pytest.raises(SlurmError, match=r"sbatch not found on PATH: run on a Slurm login node"):
         submit(plan_training(cfg, []))
     assert not (tmp_path / "run").exists()
+
+
+def test_sharded_data_array_runs_before_training():
+    cfg = load_config([])
+    jobs = plan_sharded_run(cfg, ["data.workers=1"], num_shards=3)
+    assert [(j.part, j.after) for j in jobs] == [
+        ("data", None),
+        ("base", "data"),  # afterok on an array job: after every one of its tasks ended OK
+        ("long_context", "base"),
+        ("anneal", "long_context"),
+    ]
+    assert "--array=0-2" in sbatch_options(jobs[0].text)
+    assert srun_command(jobs[1].text)[-2:] == ["data.workers=1", "only_stage=base"]
