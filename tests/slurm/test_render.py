@@ -283,3 +283,36 @@ def test_sharded_data_array_runs_before_training():
     ]
     assert "--array=0-2" in sbatch_options(jobs[0].text)
     assert srun_command(jobs[1].text)[-2:] == ["data.workers=1", "only_stage=base"]
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            ["cluster=h100_sxm", "cluster.slurm.partition=gpu", "cluster.slurm.cpus_per_node=96"],
+            {
+                "partition": "gpu",
+                "gpus_per_node": 2,
+                "cpus_per_task": 96,
+                "timeout_min": 2880,
+                "signal_delay_s": 300,
+            },
+        ),
+        (
+            ["cluster.slurm.time=1-00:00:30"],  # rounded up to whole minutes
+            {"partition": None, "gpus_per_node": None, "cpus_per_task": None, "timeout_min": 1441},
+        ),
+    ],
+)
+def test_kiln_slurm_sweep_launcher_takes_the_cluster_settings(overrides, expected):
+    from hydra import compose, initialize_config_dir
+
+    from slurm.submit import CONFIG_DIR
+    from train.config import register
+
+    register()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=kiln_slurm", *overrides], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert {k: launcher[k] for k in expected} == expected
