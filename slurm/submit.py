@@ -55,7 +55,11 @@ def load_config(overrides: list[str]) -> TrainConfig:
                     raise ConfigError(
                         group, option, f"no configs/{group}/{option}.yaml; choose one of {', '.join(choices)}"
                     ) from e
-            raise ConfigError("overrides", " ".join(overrides), str(e).splitlines()[0]) from e
+            # Name the one override Hydra refused, with Hydra's reason (and its cause: e.g. no such key).
+            reason = " ".join(str(x).splitlines()[0] for x in (e, e.__cause__) if x is not None and str(x))
+            named = [o for o in overrides if o.partition("=")[0].lstrip("~+") in str(e)]
+            key, _, value = (named[0] if named else "overrides=" + " ".join(overrides)).partition("=")
+            raise ConfigError(key, value, reason) from e
         finally:
             GlobalHydra.instance().clear()
     return to_config(dcfg)

@@ -24,7 +24,7 @@ CHAIN = [
     "~recipe.stages.anneal",
     f"recipe.stages.base.tokens={16 * 2048}",
     "recipe.stages.long_context.seq_length=512",
-    "recipe.stages.long_context.rope_scaling_factor=2.0",
+    "recipe.stages.long_context.rope_scaling.factor=2.0",
     "recipe.stages.long_context.tokens=4096",  # 2 steps
     "recipe.stages.long_context.batch_tokens=2048",
     "recipe.stages.long_context.warmup_tokens=0",

@@ -226,6 +226,10 @@ def test_tensor_parallel_must_stay_inside_a_node():
             r"signal_lead_s=1800: .*shorter than the time limit \(1800 s\)",
         ),
         (["cluster.slurm.cpus_per_node=0"], r"cpus_per_node=0: must be >= 1"),
+        (
+            ["recipe.stages.base.rope_factor=2"],
+            r"recipe.stages.base.rope_factor='2': Could not override .* Key 'rope_factor' not in 'StageConfig'",
+        ),
     ],
 )
 def test_bad_cluster_settings_name_the_key_and_fix(overrides, match):
