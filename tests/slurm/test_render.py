@@ -3,10 +3,13 @@ arrays, and the errors for what cannot fit (no Slurm needed)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -320,3 +323,69 @@ def test_kiln_slurm_sweep_launcher_takes_the_cluster_settings(overrides, expecte
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert {k: launcher[k] for k in expected} == expected
+
+
+FAKE_TORCHRUN = """#!{python}
+# Stands in for `python -m torch.distributed.run ...`: records what it got, then waits for USR1 like a rank.
+import json, os, signal, sys, time
+ignored = signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN  # the wrapper's `trap "" USR1` reached it
+got = []
+signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
+with open(os.environ["FAKE_OUT"], "w") as f:
+    json.dump({{"argv": sys.argv[1:], "ignored": ignored, "stop_file": os.environ["KILN_STOP_FILE"]}}, f)
+while not got:
+    time.sleep(0.02)
+sys.exit(75)
+"""
+
+
+def test_rendered_script_passes_usr1_to_the_ranks_and_leaves_the_stop_file(tmp_path):
+    """Run the real script with bash, `srun`/`scontrol` replaced by stand-ins, and signal it as Slurm does."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho node7\necho node8\n")
+    fake = bin_dir / "fake-python"
+    fake.write_text(FAKE_TORCHRUN.format(python=sys.executable))
+    for p in bin_dir.iterdir():
+        p.chmod(0o755)
+    overrides = [f"run_dir={tmp_path}/run", f"cluster.slurm.python={fake}", "only_stage=base"]
+    (job,) = plan_training(load_config(overrides), overrides)
+    (tmp_path / "run" / "slurm").mkdir(parents=True)
+    script = tmp_path / "job.sbatch"
+    script.write_text(job.text)
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        SLURM_JOB_ID="1234",
+        SLURM_NNODES="1",
+        SLURM_JOB_NODELIST="node[7-8]",
+        FAKE_OUT=str(tmp_path / "fake.json"),
+    )
+    shell = subprocess.Popen(
+        ["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.time() + 30
+    while not (tmp_path / "fake.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    shell.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@<lead> does
+    out, _ = shell.communicate(timeout=30)
+    assert shell.returncode == 75, out  # the ranks' exit code comes back out of srun and the script
+    fake_run = json.loads((tmp_path / "fake.json").read_text())
+    assert fake_run["ignored"] is True
+    assert fake_run["argv"][:9] == [
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--rdzv_id=1234",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=node7:16234",  # the first node; port 15000 + 1234 % 10000
+        "--max_restarts=0",
+        "-m",
+    ]
+    assert fake_run["argv"][9:] == ["train", *overrides]
+    assert fake_run["stop_file"] == f"{tmp_path}/run/slurm/stop-1234"
+    assert (tmp_path / "run" / "slurm" / "stop-1234").exists()
+    assert "kiln: got SIGUSR1" in out and "kiln: srun exited 75" in out
