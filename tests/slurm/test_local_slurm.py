@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections import Counter
 
 import pytest
 
@@ -173,3 +174,20 @@ def test_hydra_multirun_sweep_through_submitit(tmp_path, data_cache):
     assert len(results) == 2
     infos = wait_done([r.parent.name for r in results], timeout=120)  # each writes its result, then exits
     assert [i["JobState"] for i in infos.values()] == ["COMPLETED", "COMPLETED"]
+
+
+def test_data_shard_array_runs_one_task_per_shard(tmp_path):
+    """`shard-data` on the real Slurm: one array task per shard, each given its index (what `python -m data`
+    then prepares is the data package's business); status counts the tasks' states."""
+    run_dir = tmp_path / "sharded"
+    proc = kiln_slurm("shard-data", "--num-shards", "2", f"run_dir={run_dir}", "data.workers=1")
+    (job,) = submitted(proc.stdout).values()
+    infos = wait_done([f"{job}_0", f"{job}_1"], timeout=300)
+    assert len(infos) == 2
+    for i in (0, 1):
+        log = (run_dir / "slurm" / f"kiln-default-data-{job}_{i}.out").read_text()
+        assert f"kiln: data shard {i} of 2 (job " in log
+    counts = Counter(i["JobState"] for i in infos.values())
+    status = kiln_slurm("status", str(run_dir)).stdout.splitlines()
+    assert status[2].split()[:2] == ["data", job]
+    assert ",".join(f"{s} x{n}" for s, n in sorted(counts.items())) in status[2]
