@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from tests.conftest import ROOT, SMALL, read_metrics, run_train, train_losses
-from tests.slurm.conftest import job_info, job_log, kiln_slurm, submitted, wait_done, wait_for
+from tests.slurm.conftest import fake_torchrun, job_info, job_log, kiln_slurm, submitted, wait_done, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -191,3 +191,27 @@ def test_data_shard_array_runs_one_task_per_shard(tmp_path):
     status = kiln_slurm("status", str(run_dir)).stdout.splitlines()
     assert status[2].split()[:2] == ["data", job]
     assert ",".join(f"{s} x{n}" for s, n in sorted(counts.items())) in status[2]
+
+
+def test_slurm_itself_signals_usr1_before_the_time_limit(tmp_path):
+    """The rendered --signal=B:USR1@<lead> with a 1-minute limit: Slurm's own USR1 reaches the ranks (a stand-in
+    for torchrun, so the test takes seconds, not a training run) before the limit, and the job ends with the
+    ranks' exit code 75 instead of TIMEOUT."""
+    fake = tmp_path / "fake-torchrun"
+    fake.write_text(fake_torchrun())
+    fake.chmod(0o755)
+    run_dir = tmp_path / "limited"
+    args = [
+        f"run_dir={run_dir}",
+        f"cluster.slurm.python={fake}",
+        "cluster.slurm.time=1",
+        "cluster.slurm.signal_lead_s=50",
+    ]
+    (job,) = submitted(kiln_slurm("submit", *args, "only_stage=base").stdout).values()
+    info = wait_done([job], timeout=150)[job]
+    record = json.loads((run_dir / "slurm" / f"stop-{job}.fake.json").read_text())
+    assert record["ignored"] is True and record["stopped_by"] in ("SIGUSR1", "stop file")
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "75:0"), job_log(run_dir, job)  # not TIMEOUT
+    assert "#SBATCH --signal=B:USR1@50" in (run_dir / "slurm" / "base.sbatch").read_text()
+    assert "kiln: got SIGUSR1" in job_log(run_dir, job)
+    assert record["end"] - record["start"] < 60

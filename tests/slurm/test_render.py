@@ -15,6 +15,7 @@ import pytest
 
 from slurm.submit import SlurmError, load_config, plan_data_array, plan_sharded_run, plan_training, submit
 from tests.conftest import ROOT
+from tests.slurm.conftest import fake_torchrun
 from train.config import slurm_time_seconds
 from train.errors import ConfigError
 
@@ -325,20 +326,6 @@ def test_kiln_slurm_sweep_launcher_takes_the_cluster_settings(overrides, expecte
     assert {k: launcher[k] for k in expected} == expected
 
 
-FAKE_TORCHRUN = """#!{python}
-# Stands in for `python -m torch.distributed.run ...`: records what it got, then waits for USR1 like a rank.
-import json, os, signal, sys, time
-ignored = signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN  # the wrapper's `trap "" USR1` reached it
-got = []
-signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
-with open(os.environ["FAKE_OUT"], "w") as f:
-    json.dump({{"argv": sys.argv[1:], "ignored": ignored, "stop_file": os.environ["KILN_STOP_FILE"]}}, f)
-while not got:
-    time.sleep(0.02)
-sys.exit(75)
-"""
-
-
 def test_rendered_script_passes_usr1_to_the_ranks_and_leaves_the_stop_file(tmp_path):
     """Run the real script with bash, `srun`/`scontrol` replaced by stand-ins, and signal it as Slurm does."""
     bin_dir = tmp_path / "bin"
@@ -346,7 +333,7 @@ def test_rendered_script_passes_usr1_to_the_ranks_and_leaves_the_stop_file(tmp_p
     (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
     (bin_dir / "scontrol").write_text("#!/bin/bash\necho node7\necho node8\n")
     fake = bin_dir / "fake-python"
-    fake.write_text(FAKE_TORCHRUN.format(python=sys.executable))
+    fake.write_text(fake_torchrun())
     for p in bin_dir.iterdir():
         p.chmod(0o755)
     overrides = [f"run_dir={tmp_path}/run", f"cluster.slurm.python={fake}", "only_stage=base"]
@@ -360,20 +347,20 @@ def test_rendered_script_passes_usr1_to_the_ranks_and_leaves_the_stop_file(tmp_p
         SLURM_JOB_ID="1234",
         SLURM_NNODES="1",
         SLURM_JOB_NODELIST="node[7-8]",
-        FAKE_OUT=str(tmp_path / "fake.json"),
     )
     shell = subprocess.Popen(
         ["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     deadline = time.time() + 30
-    while not (tmp_path / "fake.json").exists() and time.time() < deadline:
+    record = tmp_path / "run" / "slurm" / "stop-1234.fake.json"
+    while not record.exists() and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.2)
     shell.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@<lead> does
     out, _ = shell.communicate(timeout=30)
     assert shell.returncode == 75, out  # the ranks' exit code comes back out of srun and the script
-    fake_run = json.loads((tmp_path / "fake.json").read_text())
-    assert fake_run["ignored"] is True
+    fake_run = json.loads(record.read_text())
+    assert (fake_run["ignored"], fake_run["stopped_by"]) == (True, "SIGUSR1")
     assert fake_run["argv"][:9] == [
         "-m",
         "torch.distributed.run",
