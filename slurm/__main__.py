@@ -1,6 +1,6 @@
 """`python -m slurm ...`: launch Kiln runs on Slurm.
 
-    python -m slurm submit [--dry-run] [--one-job] <overrides as for python -m train>
+    python -m slurm submit [--dry-run] [--one-job] [--data-shards N] <overrides as for python -m train>
     python -m slurm shard-data --num-shards N [--dry-run] <overrides>
     python -m slurm status <run_dir>
 
@@ -26,6 +26,13 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("submit", help="render and submit the run (one job per stage, chained)")
     s.add_argument("--dry-run", action="store_true", help="print the script(s), submit nothing")
     s.add_argument("--one-job", action="store_true", help="all stages of the recipe in one job")
+    s.add_argument(
+        "--data-shards",
+        type=int,
+        default=0,
+        metavar="N",
+        help="prepare the data first as a job array of N tasks (python -m data), training after it",
+    )
     s.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m train")
     d = sub.add_parser("shard-data", help="prepare the data as a job array, one task per shard")
     d.add_argument("--num-shards", type=int, required=True)
@@ -44,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
             print(status_mod.format_status(args.run_dir, status_mod.job_status(args.run_dir)))
             return 0
         cfg = submit_mod.load_config(args.overrides)
-        if args.command == "submit":
+        if args.command == "submit" and args.data_shards:
+            jobs = submit_mod.plan_sharded_run(
+                cfg, args.overrides, num_shards=args.data_shards, one_job=args.one_job
+            )
+        elif args.command == "submit":
             jobs = submit_mod.plan_training(cfg, args.overrides, one_job=args.one_job)
         else:
             jobs = submit_mod.plan_data_array(cfg, args.overrides, num_shards=args.num_shards)

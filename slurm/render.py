@@ -179,9 +179,9 @@ def render_train(
         ' rendezvous $MASTER_ADDR:$MASTER_PORT"',
         "",
         "# Slurm's USR1 (time limit / preemption lead) and TERM reach this shell: leave the stop file the ranks check",
-        "# every step, and pass USR1 on to them through srun.",
+        "# every step (also when the signal comes before srun started), and pass USR1 on to them through srun.",
         'on_signal() { echo "kiln: got SIG$1 at $(date +%T)"; touch "$KILN_STOP_FILE"; '
-        '[ "$1" = USR1 ] && kill -USR1 "$SRUN_PID" 2>/dev/null; }',
+        '[ "$1" = USR1 ] && [ -n "${SRUN_PID:-}" ] && kill -USR1 "$SRUN_PID" 2>/dev/null; true; }',
         "trap 'on_signal USR1' USR1",
         "trap 'on_signal TERM' TERM",
         "",

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections import Counter
 from dataclasses import dataclass
 
 from slurm.submit import SlurmError, read_jobs
@@ -43,15 +44,23 @@ class JobStatus:
 
 
 def _scontrol(job_id: str) -> dict[str, str] | None:
+    """scontrol's fields of a job; for a job array, its tasks' states counted ("COMPLETED x3,RUNNING x1")."""
     proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
-    if proc.returncode != 0 or not proc.stdout.strip():
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    if proc.returncode != 0 or not lines:
         return None
-    fields = {}
-    for token in proc.stdout.split():
-        key, sep, value = token.partition("=")
-        if sep and key not in fields:
-            fields[key] = value
-    return fields
+    tasks = []
+    for line in lines:
+        fields: dict[str, str] = {}
+        for token in line.split():
+            key, sep, value = token.partition("=")
+            if sep and key not in fields:
+                fields[key] = value
+        tasks.append(fields)
+    if len(tasks) > 1:
+        states = Counter(t.get("JobState", "UNKNOWN") for t in tasks)
+        tasks[0]["JobState"] = ",".join(f"{s} x{n}" for s, n in sorted(states.items()))
+    return tasks[0]
 
 
 def _sacct(job_id: str) -> dict[str, str] | None:

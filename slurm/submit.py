@@ -55,7 +55,11 @@ def load_config(overrides: list[str]) -> TrainConfig:
                     raise ConfigError(
                         group, option, f"no configs/{group}/{option}.yaml; choose one of {', '.join(choices)}"
                     ) from e
-            raise ConfigError("overrides", " ".join(overrides), str(e).splitlines()[0]) from e
+            # Name the one override Hydra refused, with Hydra's reason (and its cause: e.g. no such key).
+            reason = " ".join(str(x).splitlines()[0] for x in (e, e.__cause__) if x is not None and str(x))
+            named = [o for o in overrides if o.partition("=")[0].lstrip("~+") in str(e)]
+            key, _, value = (named[0] if named else "overrides=" + " ".join(overrides)).partition("=")
+            raise ConfigError(key, value, reason) from e
         finally:
             GlobalHydra.instance().clear()
     return to_config(dcfg)
@@ -89,6 +93,18 @@ def plan_training(cfg: TrainConfig, overrides: list[str], *, one_job: bool = Fal
         )
         previous = stage
     return jobs
+
+
+def plan_sharded_run(
+    cfg: TrainConfig, overrides: list[str], *, num_shards: int, one_job: bool = False
+) -> list[Job]:
+    """The data prepared by a job array of `num_shards` tasks, then the training job(s) after all of them
+    (afterok on an array waits for every task). Training finds the prepared data in the cache: the shard
+    settings are not part of the data config's hash."""
+    data = plan_data_array(cfg, overrides, num_shards=num_shards)
+    train = plan_training(cfg, overrides, one_job=one_job)
+    train[0].after = "data"
+    return data + train
 
 
 def plan_data_array(cfg: TrainConfig, overrides: list[str], *, num_shards: int) -> list[Job]:

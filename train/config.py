@@ -379,6 +379,14 @@ def register() -> None:
     from parallel.plan.sweep import register_resolvers  # ${isoflop_tokens:...} of the sweep recipe
 
     register_resolvers()
+    # hydra/launcher=kiln_slurm (configs/hydra/launcher/): the cluster's sbatch settings in submitit's units.
+    resolvers = {
+        "kiln_minutes": lambda t: -(-slurm_time_seconds(t) // 60),
+        "kiln_gpus": lambda gpu, n: None if gpu == "cpu" else int(n),
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
 
 
 def to_config(cfg: DictConfig) -> TrainConfig:

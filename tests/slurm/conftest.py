@@ -96,3 +96,28 @@ def wait_done(job_ids: list[str], *, timeout: float = 420) -> dict[str, dict[str
 def job_log(run_dir, part_or_id: str) -> str:
     logs = sorted((run_dir / "slurm").glob("*.out"))
     return "".join(p.read_text() for p in logs if part_or_id in p.name)
+
+
+FAKE_TORCHRUN = """#!{python}
+# Stands in for `python -m torch.distributed.run ...` (set as cluster.slurm.python): records what it got next
+# to $KILN_STOP_FILE, then waits like a rank for USR1 or the stop file, and exits 75.
+import json, os, signal, sys, time
+ignored = signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN  # the script's `trap "" USR1` reached it
+got = []
+signal.signal(signal.SIGUSR1, lambda s, f: got.append("SIGUSR1"))
+stop_file = os.environ["KILN_STOP_FILE"]
+record = {{"argv": sys.argv[1:], "ignored": ignored, "stop_file": stop_file, "start": time.time()}}
+with open(stop_file + ".fake.json", "w") as f:
+    json.dump(record, f)
+while not got and not os.path.exists(stop_file):
+    time.sleep(0.02)
+time.sleep(0.5)  # the stop file and the forwarded signal come together: let both land
+record.update(stopped_by=got[0] if got else "stop file", end=time.time())
+with open(stop_file + ".fake.json", "w") as f:
+    json.dump(record, f)
+sys.exit(75)
+"""
+
+
+def fake_torchrun() -> str:
+    return FAKE_TORCHRUN.format(python=sys.executable)

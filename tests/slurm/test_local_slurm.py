@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections import Counter
 
 import pytest
 
 from tests.conftest import ROOT, SMALL, read_metrics, run_train, train_losses
-from tests.slurm.conftest import job_info, job_log, kiln_slurm, submitted, wait_done, wait_for
+from tests.slurm.conftest import fake_torchrun, job_info, job_log, kiln_slurm, submitted, wait_done, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -24,7 +25,7 @@ CHAIN = [
     "~recipe.stages.anneal",
     f"recipe.stages.base.tokens={16 * 2048}",
     "recipe.stages.long_context.seq_length=512",
-    "recipe.stages.long_context.rope_scaling_factor=2.0",
+    "recipe.stages.long_context.rope_scaling.factor=2.0",
     "recipe.stages.long_context.tokens=4096",  # 2 steps
     "recipe.stages.long_context.batch_tokens=2048",
     "recipe.stages.long_context.warmup_tokens=0",
@@ -166,10 +167,51 @@ def test_hydra_multirun_sweep_through_submitit(tmp_path, data_cache):
         records = read_metrics(sweep / f"lr{num}")
         first = next(r for r in records if r.get("step") == 1 and "lr" in r)
         assert first["lr"] == pytest.approx(lr, rel=1e-12)
-        assert sorted(train_losses(records, "base")) == list(range(1, 17))
+        assert sorted(train_losses(records, "base")) == [1, 2, 3, 4]
         assert (sweep / f"lr{num}" / "report.md").exists()
     # Both points ran as Slurm jobs: submitit kept each job's result next to its log.
     results = sorted((sweep / ".submitit").glob("*/*_result.pkl"))
     assert len(results) == 2
-    for result in results:
-        assert job_info(result.parent.name)["JobState"] == "COMPLETED"
+    infos = wait_done([r.parent.name for r in results], timeout=120)  # each writes its result, then exits
+    assert [i["JobState"] for i in infos.values()] == ["COMPLETED", "COMPLETED"]
+
+
+def test_data_shard_array_runs_one_task_per_shard(tmp_path):
+    """`shard-data` on the real Slurm: one array task per shard, each given its index (what `python -m data`
+    then prepares is the data package's business); status counts the tasks' states."""
+    run_dir = tmp_path / "sharded"
+    proc = kiln_slurm("shard-data", "--num-shards", "2", f"run_dir={run_dir}", "data.workers=1")
+    (job,) = submitted(proc.stdout).values()
+    infos = wait_done([f"{job}_0", f"{job}_1"], timeout=300)
+    assert len(infos) == 2
+    for i in (0, 1):
+        log = (run_dir / "slurm" / f"kiln-default-data-{job}_{i}.out").read_text()
+        assert f"kiln: data shard {i} of 2 (job " in log
+    counts = Counter(i["JobState"] for i in infos.values())
+    status = kiln_slurm("status", str(run_dir)).stdout.splitlines()
+    assert status[2].split()[:2] == ["data", job]
+    assert ",".join(f"{s} x{n}" for s, n in sorted(counts.items())) in status[2]
+
+
+def test_slurm_itself_signals_usr1_before_the_time_limit(tmp_path):
+    """The rendered --signal=B:USR1@<lead> with a 1-minute limit: Slurm's own USR1 reaches the ranks (a stand-in
+    for torchrun, so the test takes seconds, not a training run) before the limit, and the job ends with the
+    ranks' exit code 75 instead of TIMEOUT."""
+    fake = tmp_path / "fake-torchrun"
+    fake.write_text(fake_torchrun())
+    fake.chmod(0o755)
+    run_dir = tmp_path / "limited"
+    args = [
+        f"run_dir={run_dir}",
+        f"cluster.slurm.python={fake}",
+        "cluster.slurm.time=1",
+        "cluster.slurm.signal_lead_s=50",
+    ]
+    (job,) = submitted(kiln_slurm("submit", *args, "only_stage=base").stdout).values()
+    info = wait_done([job], timeout=150)[job]
+    record = json.loads((run_dir / "slurm" / f"stop-{job}.fake.json").read_text())
+    assert record["ignored"] is True and record["stopped_by"] in ("SIGUSR1", "stop file")
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "75:0"), job_log(run_dir, job)  # not TIMEOUT
+    assert "#SBATCH --signal=B:USR1@50" in (run_dir / "slurm" / "base.sbatch").read_text()
+    assert "kiln: got SIGUSR1" in job_log(run_dir, job)
+    assert record["end"] - record["start"] < 60

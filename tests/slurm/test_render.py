@@ -3,15 +3,19 @@ arrays, and the errors for what cannot fit (no Slurm needed)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from slurm.submit import SlurmError, load_config, plan_data_array, plan_training, submit
+from slurm.submit import SlurmError, load_config, plan_data_array, plan_sharded_run, plan_training, submit
 from tests.conftest import ROOT
+from tests.slurm.conftest import fake_torchrun
 from train.config import slurm_time_seconds
 from train.errors import ConfigError
 
@@ -226,6 +230,10 @@ def test_tensor_parallel_must_stay_inside_a_node():
             r"signal_lead_s=1800: .*shorter than the time limit \(1800 s\)",
         ),
         (["cluster.slurm.cpus_per_node=0"], r"cpus_per_node=0: must be >= 1"),
+        (
+            ["recipe.stages.base.rope_factor=2"],
+            r"recipe.stages.base.rope_factor='2': Could not override .* Key 'rope_factor' not in 'StageConfig'",
+        ),
     ],
 )
 def test_bad_cluster_settings_name_the_key_and_fix(overrides, match):
@@ -270,3 +278,101 @@ def test_missing_slurm_binaries_are_named(tmp_path, monkeypatch):
     with pytest.raises(SlurmError, match=r"sbatch not found on PATH: run on a Slurm login node"):
         submit(plan_training(cfg, []))
     assert not (tmp_path / "run").exists()
+
+
+def test_sharded_data_array_runs_before_training():
+    cfg = load_config([])
+    jobs = plan_sharded_run(cfg, ["data.workers=1"], num_shards=3)
+    assert [(j.part, j.after) for j in jobs] == [
+        ("data", None),
+        ("base", "data"),  # afterok on an array job: after every one of its tasks ended OK
+        ("long_context", "base"),
+        ("anneal", "long_context"),
+    ]
+    assert "--array=0-2" in sbatch_options(jobs[0].text)
+    assert srun_command(jobs[1].text)[-2:] == ["data.workers=1", "only_stage=base"]
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            ["cluster=h100_sxm", "cluster.slurm.partition=gpu", "cluster.slurm.cpus_per_node=96"],
+            {
+                "partition": "gpu",
+                "gpus_per_node": 2,
+                "cpus_per_task": 96,
+                "timeout_min": 2880,
+                "signal_delay_s": 300,
+            },
+        ),
+        (
+            ["cluster.slurm.time=1-00:00:30"],  # rounded up to whole minutes
+            {"partition": None, "gpus_per_node": None, "cpus_per_task": None, "timeout_min": 1441},
+        ),
+    ],
+)
+def test_kiln_slurm_sweep_launcher_takes_the_cluster_settings(overrides, expected):
+    from hydra import compose, initialize_config_dir
+
+    from slurm.submit import CONFIG_DIR
+    from train.config import register
+
+    register()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=kiln_slurm", *overrides], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert {k: launcher[k] for k in expected} == expected
+
+
+def test_rendered_script_passes_usr1_to_the_ranks_and_leaves_the_stop_file(tmp_path):
+    """Run the real script with bash, `srun`/`scontrol` replaced by stand-ins, and signal it as Slurm does."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho node7\necho node8\n")
+    fake = bin_dir / "fake-python"
+    fake.write_text(fake_torchrun())
+    for p in bin_dir.iterdir():
+        p.chmod(0o755)
+    overrides = [f"run_dir={tmp_path}/run", f"cluster.slurm.python={fake}", "only_stage=base"]
+    (job,) = plan_training(load_config(overrides), overrides)
+    (tmp_path / "run" / "slurm").mkdir(parents=True)
+    script = tmp_path / "job.sbatch"
+    script.write_text(job.text)
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        SLURM_JOB_ID="1234",
+        SLURM_NNODES="1",
+        SLURM_JOB_NODELIST="node[7-8]",
+    )
+    shell = subprocess.Popen(
+        ["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.time() + 30
+    record = tmp_path / "run" / "slurm" / "stop-1234.fake.json"
+    while not record.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    shell.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@<lead> does
+    out, _ = shell.communicate(timeout=30)
+    assert shell.returncode == 75, out  # the ranks' exit code comes back out of srun and the script
+    fake_run = json.loads(record.read_text())
+    assert (fake_run["ignored"], fake_run["stopped_by"]) == (True, "SIGUSR1")
+    assert fake_run["argv"][:9] == [
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--rdzv_id=1234",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=node7:16234",  # the first node; port 15000 + 1234 % 10000
+        "--max_restarts=0",
+        "-m",
+    ]
+    assert fake_run["argv"][9:] == ["train", *overrides]
+    assert fake_run["stop_file"] == f"{tmp_path}/run/slurm/stop-1234"
+    assert (tmp_path / "run" / "slurm" / "stop-1234").exists()
+    assert "kiln: got SIGUSR1" in out and "kiln: srun exited 75" in out
