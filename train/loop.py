@@ -3,6 +3,7 @@ an earlier stage, or its own latest checkpoint, and train for the stage's tokens
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -12,11 +13,11 @@ import torch.distributed as dist
 
 from data import blend
 from data.prepare import PreparedData
-from models.llama import build_model
+from models.llama import build_model, padded_vocab_size
 from parallel import engine
-from train import checkpoint
+from train import checkpoint, metrics
 from train.config import StageConfig, TrainConfig
-from train.logs import MetricSinks, Progress, set_stage
+from train.logs import MetricSinks, Progress, set_stage, set_step
 from train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,10 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _forward_step(data_iterator, model):
+def _forward_step(data_iterator, model, *, num_sources: int = 0):
     """megatron-core forward step: per-token losses summed over the loss mask; the schedule divides by
-    the token count (and micro-batches), and the reported [sum, count] pair gives an exact token mean."""
+    the token count (and micro-batches), and the reported [sum, count] pair gives an exact token mean.
+    Also [sum, count] pairs per position bucket and, with the samples' blend sources in the batch, per source."""
     batch = next(data_iterator)
     output = model(
         batch["tokens"], batch["position_ids"], None, labels=batch["labels"]
@@ -66,9 +68,12 @@ def _forward_step(data_iterator, model):
     mask = batch["loss_mask"]
 
     def loss_func(losses: torch.Tensor):
-        loss = (losses.float() * mask).sum()
+        per_token = losses.float() * mask
+        loss = per_token.sum()
         count = mask.sum().to(torch.int)
-        return loss, count, {"lm loss": torch.stack([loss.detach().clone(), count.float()])}
+        report = {"lm loss": torch.stack([loss.detach().clone(), count.float()])}
+        report.update(metrics.loss_pairs(per_token.detach(), mask, batch.get("source"), num_sources))
+        return loss, count, report
 
     return output, loss_func
 
@@ -82,11 +87,15 @@ def _dp_mean(pairs: list[torch.Tensor]) -> float:
     return (total[0] / total[1]).item()
 
 
-def _fwd_bwd(run: Run, ddp, micro: list[dict], *, seq_length: int, forward_only: bool) -> float:
+def _fwd_bwd(
+    run: Run, ddp, micro: list[dict], *, seq_length: int, forward_only: bool, sources: list[str] | None = None
+):
+    """(token-mean loss of the batch, more metrics): `loss/<source>` with `sources` and the samples'
+    sources in the batch; `by_position` (loss per position bucket) when `forward_only`."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     losses = get_forward_backward_func()(
-        forward_step_func=_forward_step,
+        forward_step_func=functools.partial(_forward_step, num_sources=len(sources or ())),
         data_iterator=iter([_to(mb, run.device) for mb in micro]),
         model=[ddp],
         num_microbatches=len(micro),
@@ -94,15 +103,26 @@ def _fwd_bwd(run: Run, ddp, micro: list[dict], *, seq_length: int, forward_only:
         micro_batch_size=run.cfg.parallel.micro_batch,
         forward_only=forward_only,
     )
-    return _dp_mean([entry["lm loss"] for entry in losses])
+    loss = _dp_mean([entry["lm loss"] for entry in losses])
+    extra = {}
+    if sources and micro and "source" in micro[0]:
+        extra = metrics.source_losses([entry["source loss"] for entry in losses], sources)
+    if forward_only:
+        extra["by_position"] = metrics.position_losses([entry["position loss"] for entry in losses])
+    return loss, extra
 
 
-def _valid_record(losses: dict[str, float]) -> dict[str, float]:
-    return {f"valid/{k}": v for k, v in losses.items()}
+def _valid_record(losses: dict[str, float], positions: dict | None = None) -> dict:
+    return {f"valid/{k}": v for k, v in losses.items()} | {
+        f"valid_by_position/{k}": v for k, v in (positions or {}).items()
+    }
 
 
-def evaluate(run: Run, ddp, datasets: dict, stage: StageConfig) -> dict[str, float]:
-    """Held-out loss per source, over `stage.eval_tokens` tokens (split over data-parallel ranks)."""
+def evaluate(
+    run: Run, ddp, datasets: dict, stage: StageConfig, positions: dict | None = None
+) -> dict[str, float]:
+    """Held-out loss per source, over `stage.eval_tokens` tokens (split over data-parallel ranks); loss per
+    position bucket per source into `positions` when given."""
     from megatron.core import parallel_state
 
     layout = run.cfg.parallel
@@ -119,7 +139,9 @@ def evaluate(run: Run, ddp, datasets: dict, stage: StageConfig) -> dict[str, flo
                 dp_size=layout.dp_size,
             )
             micro = blend.micro_batches(ds, idx, micro_batch=layout.micro_batch)
-            out[name] = _fwd_bwd(run, ddp, micro, seq_length=stage.seq_length, forward_only=True)
+            out[name], extra = _fwd_bwd(run, ddp, micro, seq_length=stage.seq_length, forward_only=True)
+            if positions is not None:
+                positions[name] = extra["by_position"]
     ddp.train()
     return out
 
@@ -155,6 +177,19 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         model = Float16Module(model.config, model)
     ddp = engine.wrap_ddp(model, layout)
     engine.configure_schedule_hooks(ddp)
+    order = list(cfg.recipe.stages)
+    sources = sorted(stage.mix)
+    meter = metrics.StageMetrics(
+        logging_cfg=cfg.logging,
+        stage=stage,
+        arch=cfg.model.arch(),
+        padded_vocab=padded_vocab_size(run.vocab_size, layout.tp),
+        device=run.device,
+        sources=sources,
+        later_tokens=sum(cfg.recipe.stages[s].tokens for s in order[order.index(name) + 1 :]),
+        peak_flops=metrics.peak_flops_per_device(cfg.logging, gpu=cfg.cluster.gpu),
+    )
+    meter.attach(ddp)
 
     peak_lr = stage.lr
     if resume is not None:
@@ -223,9 +258,19 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         seed=cfg.data.seed,
         valid_percent=cfg.data.valid_percent,
     )
+    run.sinks.begin_stage(
+        name,
+        step=result.step,
+        offset=sum(cfg.recipe.stages[s].steps for s in order[: order.index(name)]),
+        order=order,
+    )
+    run.sinks.write(meter.stage_record(name, step=result.step))
     if result.step == 0:
-        result.valid_start = evaluate(run, ddp, valid_ds, stage)
-        run.sinks.write({"stage": name, "step": 0, "tokens": 0, **_valid_record(result.valid_start)})
+        positions = {}
+        result.valid_start = evaluate(run, ddp, valid_ds, stage, positions)
+        run.sinks.write(
+            {"stage": name, "step": 0, "tokens": 0, **_valid_record(result.valid_start, positions)}
+        )
         log.info("%s validation loss at start: %s", name, _fmt(result.valid_start))
 
     rank0 = dist.get_rank() == 0
@@ -238,23 +283,36 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
     dp_rank = parallel_state.get_data_parallel_rank()
     eval_every = stage.eval_every_tokens // stage.batch_tokens if stage.eval_every_tokens else 0
     save_every = stage.save_every_tokens // stage.batch_tokens if stage.save_every_tokens else 0
-    window_start, window_tokens = time.time(), 0
+    params = [p for p in ddp.module.parameters() if p.requires_grad]
     for step in range(result.step, steps):
+        set_step(step + 1)
+        is_log = (step + 1) % cfg.logging.log_every_steps == 0 or step + 1 == steps
         t0 = time.time()
+        meter.start_step()
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
-        idx = blend.step_indices(
-            step, batch_sequences=stage.batch_sequences, dp_rank=dp_rank, dp_size=layout.dp_size
-        )
-        micro = blend.micro_batches(train_ds, idx, micro_batch=layout.micro_batch)
+        with meter.phase("data_wait"):
+            idx = blend.step_indices(
+                step, batch_sequences=stage.batch_sequences, dp_rank=dp_rank, dp_size=layout.dp_size
+            )
+            micro = blend.micro_batches(train_ds, idx, micro_batch=layout.micro_batch)
+            ids = metrics.source_ids(train_ds, idx)
+            for i, mb in enumerate(micro if ids is not None else []):
+                mb["source"] = ids[i * layout.micro_batch : (i + 1) * layout.micro_batch]
         lr = _current_lr(optimizer)
-        loss = _fwd_bwd(run, ddp, micro, seq_length=stage.seq_length, forward_only=False)
-        _, grad_norm, _ = optimizer.step()
-        scheduler.step(increment=stage.batch_tokens)
+        with meter.phase("forward_backward"):
+            loss, by_source = _fwd_bwd(
+                run, ddp, micro, seq_length=stage.seq_length, forward_only=False, sources=sources
+            )
+        if is_log:
+            meter.before_update(params)
+        with meter.phase("optimizer"):
+            _, grad_norm, _ = optimizer.step()
+            scheduler.step(increment=stage.batch_tokens)
+        meter.end_step()
         result.step, result.tokens, result.lr = step + 1, result.tokens + stage.batch_tokens, lr
         result.train_seconds += time.time() - t0
         result.train_loss = [result.train_loss[0] if result.train_loss else loss, loss]
-        window_tokens += stage.batch_tokens
         record = {
             "stage": name,
             "step": result.step,
@@ -262,24 +320,31 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
             "loss": loss,
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            **by_source,
         }
-        is_log = result.step % cfg.logging.log_every_steps == 0 or result.step == steps
+        straggler = meter.straggler_check(result.step)
         is_eval = bool(eval_every) and result.step % eval_every == 0 and result.step != steps
         if is_eval:
             record.update(_valid_record(evaluate(run, ddp, valid_ds, stage)))
+        if is_log:
+            consumed = getattr(train_ds, "dataset_index", None)
+            consumed = consumed[: result.step * stage.batch_sequences] if consumed is not None else None
+            record.update(
+                meter.interval(
+                    step=result.step,
+                    tokens=result.tokens,
+                    params=params,
+                    consumed_ids=consumed,
+                    extra=straggler,
+                )
+            )
         if is_log or is_eval:
-            elapsed = time.time() - window_start
-            record["tokens_per_s"] = window_tokens / elapsed
-            window_start, window_tokens = time.time(), 0
             run.sinks.write(record)
-        tps = result.tokens / result.train_seconds
         progress.update(
             tokens=result.tokens,
             tokens_delta=stage.batch_tokens,
             loss=loss,
-            tokens_per_s=tps,
-            eta_s=(steps - result.step) * stage.batch_tokens / tps,
-            log_line=is_log,
+            record=record if is_log else None,
         )
         if save_every and result.step % save_every == 0 and result.step != steps:
             result.checkpoint = checkpoint.path_for(directory, result.step)
@@ -292,13 +357,14 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
                 retention=cfg.checkpoint,
             )
     progress.close()
-    result.valid_end = evaluate(run, ddp, valid_ds, stage)
+    positions = {}
+    result.valid_end = evaluate(run, ddp, valid_ds, stage, positions)
     run.sinks.write(
         {
             "stage": name,
             "step": result.step,
             "tokens": result.tokens,
-            **_valid_record(result.valid_end),
+            **_valid_record(result.valid_end, positions),
         }
     )
     log.info(
