@@ -75,6 +75,13 @@ def _param_norm(params: list[torch.Tensor]) -> torch.Tensor:
     return sq
 
 
+def find_stragglers(times: list[float], *, factor: float) -> tuple[list[int], float]:
+    """Ranks whose time exceeds factor x the median (the lower middle value, so with two ranks the slower
+    is compared with the faster), and that median."""
+    median = statistics.median_low(times)
+    return [r for r, t in enumerate(times) if t > factor * median], median
+
+
 def fmt_eta(seconds: float) -> str:
     seconds = int(max(0.0, seconds))
     days, rest = divmod(seconds, 86400)
@@ -193,8 +200,7 @@ class StageMetrics:
         gathered = [torch.zeros_like(mine) for _ in range(self.world)]
         dist.all_gather(gathered, mine)
         times = [float(t.item()) for t in gathered]
-        median = statistics.median_low(times)
-        slow = [r for r, t in enumerate(times) if t > self.cfg.straggler_factor * median]
+        slow, median = find_stragglers(times, factor=self.cfg.straggler_factor)
         if slow and dist.get_rank() == 0:
             log.warning(
                 "straggler: rank(s) %s slower than %.2f x median step time %.3f s: %s",

@@ -107,7 +107,8 @@ def stage_summary(records: list[dict]) -> list[dict]:
                 "tflops_per_gpu": med("tflops_per_gpu"),
                 "mfu": med("mfu"),
                 "memory_gb": max(
-                    (r.get("mem/peak_allocated_gb", r.get("mem/rss_gb", 0.0)) for r in rows), default=None
+                    (r[k] for r in rows for k in ("mem/peak_allocated_gb", "mem/rss_gb") if k in r),
+                    default=None,
                 ),
             }
         )
