@@ -186,7 +186,9 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         padded_vocab=padded_vocab_size(run.vocab_size, layout.tp),
         device=run.device,
         sources=sources,
-        later_tokens=sum(cfg.recipe.stages[s].tokens for s in order[order.index(name) + 1 :]),
+        later_tokens=0
+        if cfg.only_stage
+        else sum(cfg.recipe.stages[s].tokens for s in order[order.index(name) + 1 :]),
         peak_flops=metrics.peak_flops_per_device(cfg.logging, gpu=cfg.cluster.gpu),
     )
     meter.attach(ddp)

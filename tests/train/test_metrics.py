@@ -237,3 +237,40 @@ def test_resumed_run_continues_the_series_without_duplicates(run1, tmp_path, dat
     assert len(glob.glob(str(run_dir / "wandb" / f"offline-run-*-{run_id}"))) == 2  # same wandb run
     history = wandb_history(run_dir)
     assert [history[g]["loss"] for g in range(1, 13)] == [r["loss"] for r in intervals(after)]
+
+
+@pytest.mark.slow
+def test_straggler_is_named_and_its_wait_shows_on_the_others(tmp_path, data_cache):
+    """2 gloo ranks, rank 1 slowed by 0.3 s in its data wait each step: the straggler check names rank 1
+    (and only it), and rank 0 spends that time waiting in the gradient sync."""
+    run_dir = tmp_path / "run"
+    proc = run_train(
+        [
+            *SMALL,
+            "parallel.micro_batch=1",
+            "only_stage=base",
+            "recipe.stages.base.tokens=12288",  # 6 steps
+            "recipe.stages.base.batch_tokens=2048",
+            "recipe.stages.base.warmup_tokens=0",
+            "logging.log_every_steps=2",
+            "logging.straggler_every_steps=2",
+            f"run_dir={run_dir}",
+            f"data.cache_dir={data_cache}",
+        ],
+        cwd=ROOT,
+        env={"KILN_FAULT_SLOW_RANK": "1:0.3"},
+    )
+    # The first window holds the stage's first step (allocation, first-iteration set-up on every rank), so
+    # only the later checks (steps 4 and 6) must name rank 1; no check names rank 0.
+    warnings = [line for line in proc.stderr.splitlines() if "straggler:" in line]
+    assert all("straggler: rank(s) 1 slower than 1.50 x median" in w for w in warnings), warnings
+    assert sum(" s4] " in w or " s6] " in w for w in warnings) == 2, proc.stderr[-3000:]
+    rows = intervals(read_metrics(run_dir))
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    for r in rows[1:]:
+        assert r["straggler/slowest_rank"] == 1 and r["straggler/ratio"] > 1.5
+        # Rank 0's own metrics: no delay in its data wait, the slow rank's 0.3 s in its gradient sync.
+        assert r["time/data_wait"] < 0.15
+        assert 0.25 < r["time/grad_sync"] < r["time/forward_backward"]
+        assert r["tokens_per_s_per_gpu"] == pytest.approx(r["tokens_per_s"] / 2)
+        assert r["eta/recipe_s"] == r["eta/stage_s"]  # only_stage: no later stage to wait for
