@@ -1,5 +1,6 @@
-"""Process groups and the megatron-core engine: DDP with bucketed (overlapped) gradient reduce, and the
-distributed optimizer (ZeRO-1: Adam state sharded over the data-parallel axis)."""
+"""Devices and process groups: the torch process group, and megatron-core's groups for every axis of the
+layout (tp, cp, ep, etp, dp, pp and virtual stages). Both engines use them (DeepSpeed's data-parallel group
+is the world when tp = pp = 1). The engines themselves are in parallel/engines/."""
 
 from __future__ import annotations
 
@@ -56,7 +57,13 @@ def init_model_parallel(layout: ParallelLayout, *, seed: int, device: torch.devi
         )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp
+            tensor_model_parallel_size=layout.tp,
+            pipeline_model_parallel_size=layout.pp,
+            virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+            context_parallel_size=layout.cp,
+            expert_model_parallel_size=layout.ep,
+            # Explicit: megatron's default expert-TP = TP cannot divide some worlds (ENGINES-CPU.md).
+            expert_tensor_parallel_size=layout.etp,
         )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
@@ -71,8 +78,10 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
-def wrap_ddp(model: torch.nn.Module, layout: ParallelLayout):
-    """megatron-core DDP: grads in one contiguous fp32 buffer, reduced in buckets as backward proceeds."""
+def wrap_ddp(model: torch.nn.Module, layout: ParallelLayout, *, chunk: int = 0):
+    """megatron-core DDP: grads in one contiguous fp32 buffer, reduced in buckets as backward proceeds.
+    Virtual-pipeline chunks after the first share no bucketing (as in Megatron-LM's training.py), so their
+    reduce starts only when the schedule finishes them."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_config = DistributedDataParallelConfig(
@@ -80,7 +89,9 @@ def wrap_ddp(model: torch.nn.Module, layout: ParallelLayout):
         overlap_grad_reduce=layout.overlap_grad_reduce,
         use_distributed_optimizer=layout.distributed_optimizer,
     )
-    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    return DistributedDataParallel(
+        config=model.config, ddp_config=ddp_config, module=model, disable_bucketing=chunk > 0
+    )
 
 
 def build_optimizer(
@@ -111,14 +122,17 @@ def build_optimizer(
         params_dtype=torch.float32,
         use_distributed_optimizer=layout.distributed_optimizer,
     )
-    return get_megatron_optimizer(config, [ddp_model])
+    return get_megatron_optimizer(config, ddp_model if isinstance(ddp_model, list) else [ddp_model])
 
 
 def configure_schedule_hooks(ddp_model) -> None:
     """What megatron-core's forward_backward_func needs to drive DDP: no_sync for all but the last
-    micro-batch, and finalize_model_grads (finish bucketed reduce, TP-shared grads) after backward."""
+    micro-batch, and finalize_model_grads (finish bucketed reduce, TP-shared and embedding grads) after
+    backward. `ddp_model` is one DDP module or the list of virtual-pipeline chunks (the schedule reads the
+    first chunk's config)."""
     from megatron.core.distributed import finalize_model_grads
 
-    config = ddp_model.config
-    config.no_sync_func = ddp_model.no_sync
+    chunks = ddp_model if isinstance(ddp_model, list) else [ddp_model]
+    config = chunks[0].config
+    config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
     config.finalize_model_grads_func = finalize_model_grads

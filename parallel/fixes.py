@@ -46,3 +46,33 @@ def apply_megatron_fixes() -> None:
         DO, "DistributedOptimizer.load_state_dict", [('s["step"] = step\n', 's["step"] = step.clone()\n')]
     )
     _fixed = True
+
+
+_mla_fixed = False
+
+
+def fix_mla_kpos_grad() -> None:
+    """megatron-core 0.16 MLA at TP>1 gives WRONG grads without error (ENGINES-CPU.md, case 2): the shared
+    positional key `k_pos_emb` is cut from the TP-gathered `kv_down_proj` output and used by every rank's heads, but
+    its grad is never summed across TP ranks, so the rope rows of `linear_kv_down_proj` learn from 1/TP of the heads.
+    Routing it through `copy_to_tensor_model_parallel_region` (identity forward, all-reduce backward) sums them."""
+    global _mla_fixed
+    if _mla_fixed:
+        return
+    import megatron.core.transformer.multi_latent_attention as MLA
+    from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+    MLA.copy_to_tensor_model_parallel_region = copy_to_tensor_model_parallel_region
+    old = (
+        "            kv_compressed, k_pos_emb = torch.split(\n"
+        "                kv_combined, [self.config.kv_lora_rank, self.config.qk_pos_emb_head_dim], dim=-1\n"
+        "            )\n"
+        "            if self.config.sequence_parallel:\n"
+    )
+    new = old.replace(
+        "            if self.config.sequence_parallel:\n",
+        "            k_pos_emb = copy_to_tensor_model_parallel_region(k_pos_emb)\n"
+        "            if self.config.sequence_parallel:\n",
+    )
+    rewrite_source(MLA, "MLASelfAttention.get_query_key_value_tensors", [(old, new)])
+    _mla_fixed = True

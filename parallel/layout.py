@@ -1,15 +1,26 @@
 """The one validated description of how a run is laid out over processes (CONVENTIONS 3).
 
-`ParallelLayout` is also the schema of the `parallel` Hydra group. "axis" means a mesh axis.
+`ParallelLayout` is also the schema of the `parallel` Hydra group. "axis" means a mesh axis, "dim" a tensor
+dimension. Validation happens once, before any process group exists: `__post_init__` checks the layout against
+the world size and the engine; `check_model` against the model (heads, kv heads, layers, experts);
+`check_batch` against each stage's global batch and sequence length. Every error names the constraint, the
+values and the nearest layouts that work.
+
+Mesh (megatron-core's order, `parallel_state.initialize_model_parallel`):
+  dense part   world = tp * cp * dp * pp
+  expert part  world = etp * ep * edp * pp     (MoE layers; edp = expert data-parallel, inferred)
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 from train.errors import ConfigError
 
-ENGINES = ("megatron",)
+ENGINES = ("megatron", "deepspeed")
+RECOMPUTE = ("none", "selective", "full")
+OFFLOAD = ("none", "optimizer", "optimizer+param")
 
 
 def _divisors(n: int) -> list[int]:
@@ -24,84 +35,231 @@ def _nearest(name: str, value: int, candidates: list[int]) -> str:
     return " or ".join(f"{name}={p}" for p in picks or candidates[:1])
 
 
+def have_transformer_engine() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
 @dataclass
 class ParallelLayout:
     nproc_per_node: int = 2
     """Processes per node (GPUs per node on a cluster, CPU processes here)."""
     nnodes: int = 1
     """Number of nodes."""
-    tp: int = 1
-    """Tensor-parallel axis size."""
-    sp: bool = False
-    """Sequence parallelism on the tensor-parallel axis (needs tp > 1)."""
-    pp: int = 1
-    """Pipeline-parallel axis size."""
-    dp: int = -1
-    """Data-parallel axis size; -1 infers it as world_size / (tp * pp)."""
     engine: str = "megatron"
-    """Training engine: megatron (megatron-core DDP + distributed optimizer)."""
-    distributed_optimizer: bool = True
-    """Shard optimizer state over the data-parallel axis (ZeRO-1, megatron-core DistributedOptimizer)."""
+    """megatron (megatron-core DDP + distributed optimizer; TP/SP/PP/VPP/EP/ETP/CP) or deepspeed (ZeRO 1/2/3,
+    CPU offload; data-parallel only in Kiln)."""
+    tp: int = 1
+    """Tensor-parallel axis size (splits heads, kv heads and the MLP width)."""
+    sp: bool = False
+    """Sequence parallelism on the tensor-parallel axis: norms and dropout on seq/tp tokens (needs tp > 1)."""
+    pp: int = 1
+    """Pipeline-parallel axis size (splits the layers; 1F1B schedule)."""
+    vpp: int = 1
+    """Virtual pipeline stages (model chunks) per pipeline rank; > 1 selects the interleaved 1F1B schedule."""
+    ep: int = 1
+    """Expert-parallel axis size (splits the experts of MoE layers)."""
+    etp: int = 1
+    """Expert tensor-parallel axis size (splits each expert's MLP)."""
+    cp: int = 1
+    """Context-parallel axis size (splits the sequence in attention; needs TransformerEngine)."""
+    dp: int = -1
+    """Data-parallel axis size; -1 infers it as world_size / (tp * cp * pp)."""
+    zero_stage: int = 1
+    """ZeRO stage: 0 replicated optimizer; 1 optimizer state sharded over dp (megatron: the distributed
+    optimizer); 2 + gradients (deepspeed); 3 + parameters (deepspeed)."""
+    offload: str = "none"
+    """CPU offload (deepspeed): none, optimizer (ZeRO >= 1), optimizer+param (ZeRO-3)."""
+    recompute: str = "none"
+    """Activation recompute: none, selective (core attention, Korthikanti et al. 2022) or full (every layer)."""
     overlap_grad_reduce: bool = True
-    """Overlap the data-parallel gradient reduce with the backward pass (bucketed)."""
+    """Overlap the data-parallel gradient reduce with the backward pass (bucketed; megatron)."""
     micro_batch: int = 2
     """Sequences per micro-batch on each data-parallel rank."""
+    grad_accum: int = -1
+    """Micro-batches per optimizer step on each data-parallel rank; -1 infers it from each stage's global batch
+    (global batch = dp * micro_batch * grad_accum)."""
 
     def __post_init__(self) -> None:
-        for key in ("nproc_per_node", "nnodes", "tp", "pp", "micro_batch"):
+        for key in ("nproc_per_node", "nnodes", "tp", "pp", "vpp", "ep", "etp", "cp", "micro_batch"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"parallel.{key}", getattr(self, key), "must be >= 1")
-        if self.dp == 0 or self.dp < -1:
-            raise ConfigError(
-                "parallel.dp", self.dp, "use a positive size, or -1 to infer it from the world size"
-            )
+        for key in ("dp", "grad_accum"):
+            value = getattr(self, key)
+            if value == 0 or value < -1:
+                raise ConfigError(f"parallel.{key}", value, "use a positive size, or -1 to infer it")
         if self.engine not in ENGINES:
             raise ConfigError("parallel.engine", self.engine, f"choose one of {', '.join(ENGINES)}")
+        if self.recompute not in RECOMPUTE:
+            raise ConfigError("parallel.recompute", self.recompute, f"choose one of {', '.join(RECOMPUTE)}")
+        if self.offload not in OFFLOAD:
+            raise ConfigError("parallel.offload", self.offload, f"choose one of {', '.join(OFFLOAD)}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError("parallel.zero_stage", self.zero_stage, "choose 0, 1, 2 or 3")
         if self.sp and self.tp == 1:
             raise ConfigError(
                 "parallel.sp", self.sp, "sequence parallelism needs parallel.tp > 1; set sp=false"
             )
-        if self.pp > 1:
+        if self.vpp > 1 and self.pp == 1:
             raise ConfigError(
-                "parallel.pp",
-                self.pp,
-                "pipeline parallelism is not wired into the training loop yet; use pp=1",
+                "parallel.vpp", self.vpp, "virtual pipeline stages need parallel.pp > 1; set vpp=1 or pp>=2"
             )
+        self._check_world()
+        self._check_engine()
+
+    # ------------------------------------------------------------------------------------ world size
+    def _check_world(self) -> None:
         world = self.world_size
-        if world % (self.tp * self.pp):
+        dense = self.tp * self.cp * self.pp
+        if world % dense:
+            fits = [d for d in _divisors(world) if (world // d) % (self.cp * self.pp) == 0]
+            pp_fits = [p for p in _divisors(world) if (world // p) % (self.tp * self.cp) == 0]
             raise ConfigError(
                 "parallel.tp",
                 self.tp,
-                f"tp*pp={self.tp * self.pp} must divide the world size {world}; "
-                f"try {_nearest('tp', self.tp, [d for d in _divisors(world) if (world // d) % self.pp == 0])}",
+                f"tp*cp*pp={self.tp}*{self.cp}*{self.pp}={dense} does not divide the world size {world}; "
+                f"try {_nearest('tp', self.tp, fits)}"
+                + (f" or {_nearest('pp', self.pp, pp_fits)}" if self.pp > 1 and pp_fits else ""),
             )
-        if self.dp != -1 and self.dp * self.tp * self.pp != world:
+        if self.dp != -1 and self.dp * dense != world:
             raise ConfigError(
                 "parallel.dp",
                 self.dp,
-                f"dp*tp*pp must equal the world size {world}; use dp={world // (self.tp * self.pp)} or dp=-1",
+                f"dp*tp*cp*pp must equal the world size {world}; use dp={world // dense} or dp=-1",
+            )
+        expert = self.ep * self.etp * self.pp
+        if world % expert:
+            fits = [e for e in _divisors(world // (self.etp * self.pp))]
+            raise ConfigError(
+                "parallel.ep",
+                self.ep,
+                f"ep*etp*pp={self.ep}*{self.etp}*{self.pp}={expert} does not divide the world size {world}; "
+                f"try {_nearest('ep', self.ep, fits)}",
             )
 
+    # ------------------------------------------------------------------------------------ engines
+    def _check_engine(self) -> None:
+        if self.engine == "megatron":
+            if self.zero_stage > 1:
+                raise ConfigError(
+                    "parallel.zero_stage",
+                    self.zero_stage,
+                    "the megatron engine shards optimizer state only (zero_stage=1, the distributed "
+                    "optimizer); use zero_stage=1, or engine=deepspeed for ZeRO-2/3",
+                )
+            if self.offload != "none":
+                raise ConfigError(
+                    "parallel.offload",
+                    self.offload,
+                    "CPU offload is a deepspeed feature in Kiln; set offload=none or engine=deepspeed",
+                )
+            if self.cp > 1 and not have_transformer_engine():
+                raise ConfigError(
+                    "parallel.cp",
+                    self.cp,
+                    "context parallelism in megatron-core needs TransformerEngine's attention "
+                    "(the local layer spec has none), and transformer_engine is not installed "
+                    "(it needs CUDA); set cp=1, or run on a GPU machine with transformer-engine installed",
+                )
+            return
+        # deepspeed: ZeRO over the data-parallel axis; the model-parallel axes stay megatron's.
+        for key, why in (
+            ("tp", "tensor parallelism is megatron's (engine=megatron)"),
+            ("pp", "DeepSpeed's pipeline engine allows only ZeRO-1 and needs a PipelineModule"),
+            ("ep", "DeepSpeed's MoE layer is not megatron-core's MoE, and is refused with ZeRO-3"),
+            ("cp", "context parallelism is megatron's (engine=megatron)"),
+        ):
+            if getattr(self, key) > 1:
+                raise ConfigError(
+                    f"parallel.{key}",
+                    getattr(self, key),
+                    f"engine=deepspeed runs data parallel only in Kiln: {why}; set {key}=1, or "
+                    "engine=megatron (zero_stage<=1)",
+                )
+        if self.offload == "optimizer" and self.zero_stage == 0:
+            raise ConfigError(
+                "parallel.offload", self.offload, "optimizer offload needs zero_stage >= 1; try zero_stage=1"
+            )
+        if self.offload == "optimizer+param" and self.zero_stage != 3:
+            raise ConfigError(
+                "parallel.offload",
+                self.offload,
+                f"parameter offload needs zero_stage=3 (got {self.zero_stage}); "
+                "try zero_stage=3, or offload=optimizer",
+            )
+
+    # ------------------------------------------------------------------------------------ sizes
     @property
     def world_size(self) -> int:
         return self.nproc_per_node * self.nnodes
 
     @property
     def dp_size(self) -> int:
-        return self.world_size // (self.tp * self.pp)
+        return self.world_size // (self.tp * self.cp * self.pp)
 
-    def check_model(self, *, heads: int, kv_heads: int) -> None:
-        """Tensor parallelism splits attention heads and kv heads: tp must divide both."""
-        if heads % self.tp or kv_heads % self.tp:
-            fits = [d for d in _divisors(kv_heads) if heads % d == 0 and self.world_size % d == 0]
+    @property
+    def expert_dp_size(self) -> int:
+        return self.world_size // (self.ep * self.etp * self.pp)
+
+    @property
+    def distributed_optimizer(self) -> bool:
+        """megatron: shard the optimizer state over the data-parallel axis (ZeRO-1)."""
+        return self.engine == "megatron" and self.zero_stage == 1
+
+    # ------------------------------------------------------------------------------------ the model
+    def check_model(self, *, heads: int, kv_heads: int, layers: int | None = None, experts: int = 0) -> None:
+        """Tensor parallelism splits heads and kv heads; pipeline stages (times virtual stages) split layers;
+        expert parallelism splits experts."""
+        world = self.world_size
+        for count, what in ((kv_heads, "kv heads"), (heads, "attention heads")):
+            if count % self.tp:
+                fits = [
+                    d for d in _divisors(kv_heads) if heads % d == 0 and world % (d * self.cp * self.pp) == 0
+                ]
+                raise ConfigError(
+                    "parallel.tp",
+                    self.tp,
+                    f"tp={self.tp} does not divide {count} {what} ({heads} heads, {kv_heads} kv heads); "
+                    f"try {_nearest('tp', self.tp, fits)}",
+                )
+        if layers is not None and layers % (self.pp * self.vpp):
+            chunks = self.pp * self.vpp
+            pps = [
+                p for p in _divisors(layers) if layers % (p * self.vpp) == 0 and world % (p * self.tp) == 0
+            ]
+            vpps = [v for v in _divisors(layers // self.pp) if layers % self.pp == 0]
+            hint = _nearest("pp", self.pp, pps)
+            if self.vpp > 1 and vpps:
+                hint += f", or vpp in {vpps}"
             raise ConfigError(
-                "parallel.tp",
-                self.tp,
-                f"tp must divide {heads} heads and {kv_heads} kv heads; try {_nearest('tp', self.tp, fits)}",
+                "parallel.pp",
+                self.pp,
+                f"pp*vpp={self.pp}*{self.vpp}={chunks} model chunks do not divide {layers} layers; try {hint}",
+            )
+        if self.ep > 1 or self.etp > 1:
+            if experts == 0:
+                raise ConfigError(
+                    "parallel.ep" if self.ep > 1 else "parallel.etp",
+                    self.ep if self.ep > 1 else self.etp,
+                    "expert parallelism needs a mixture-of-experts model (this one has no experts); set ep=1 etp=1",
+                )
+            if experts % self.ep:
+                fits = [e for e in _divisors(experts) if world % (e * self.etp * self.pp) == 0]
+                raise ConfigError(
+                    "parallel.ep",
+                    self.ep,
+                    f"ep={self.ep} does not divide {experts} experts; try {_nearest('ep', self.ep, fits)}",
+                )
+        if experts and self.tp > 1 and not self.sp:
+            raise ConfigError(
+                "parallel.sp",
+                self.sp,
+                "megatron-core MoE layers with tp > 1 need sequence parallelism; set sp=true",
             )
 
-    def check_batch(self, *, key: str, sequences: int) -> None:
-        """A global batch of `sequences` must split into whole micro-batches on every data-parallel rank."""
+    # ------------------------------------------------------------------------------------ the batch
+    def check_batch(self, *, key: str, sequences: int, seq_length: int | None = None) -> None:
+        """A global batch of `sequences` must split into whole micro-batches on every data-parallel rank
+        (and into `grad_accum` of them when it is set); SP and CP split the sequence."""
         per_step = self.dp_size * self.micro_batch
         if sequences % per_step:
             lo = max(per_step, sequences // per_step * per_step)
@@ -111,7 +269,33 @@ class ParallelLayout:
                 f"the global batch ({sequences} sequences) must be a multiple of dp*micro_batch = "
                 f"{self.dp_size}*{self.micro_batch} = {per_step}; try {lo} or {lo + per_step} sequences",
             )
+        accum = sequences // per_step
+        if self.grad_accum != -1 and accum != self.grad_accum:
+            raise ConfigError(
+                "parallel.grad_accum",
+                self.grad_accum,
+                f"{key}: a global batch of {sequences} sequences = dp*micro_batch*grad_accum = "
+                f"{self.dp_size}*{self.micro_batch}*grad_accum needs grad_accum={accum}; "
+                f"set grad_accum={accum} or -1 (infer)",
+            )
+        if self.pp > 1 and self.vpp > 1 and accum % self.pp:
+            raise ConfigError(
+                key,
+                sequences,
+                f"the interleaved pipeline schedule needs micro-batches per step ({accum}) to be a multiple "
+                f"of pp={self.pp}; try {-(-accum // self.pp) * self.pp * per_step} sequences",
+            )
+        if seq_length is not None:
+            split = (self.tp if self.sp else 1) * 2 * self.cp if self.cp > 1 else (self.tp if self.sp else 1)
+            if seq_length % split:
+                what = "tp (sequence parallel)" if self.cp == 1 else "tp*2*cp (sequence and context parallel)"
+                raise ConfigError(
+                    key.rsplit(".", 1)[0] + ".seq_length",
+                    seq_length,
+                    f"the sequence length must be a multiple of {what} = {split}; "
+                    f"try {max(split, seq_length // split * split)}",
+                )
 
-    def grad_accum(self, sequences: int) -> int:
+    def accum_steps(self, sequences: int) -> int:
         """Micro-batches per step on each data-parallel rank for a global batch of `sequences`."""
         return sequences // (self.dp_size * self.micro_batch)

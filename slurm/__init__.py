@@ -1,5 +1,3 @@
-"""Slurm launching: sbatch rendered from the run config, submission, requeue on signal, sweeps.
-
-Not built yet (its own issue). Today a multi-node run is `srun torchrun ... -m train <overrides>`: the Hydra app
-runs the rank it is given under torchrun, and the deterministic run dir lets a requeued job resume.
-"""
+"""Slurm launching: sbatch scripts rendered from the run config (render), submission with stage chains and data
+job arrays (submit), job status (status), and a real single-node Slurm for tests (testing/start.sh, stop.sh).
+The job side of preemption (checkpoint, requeue, exit) is train/signals.py. Entry point: `python -m slurm`."""

@@ -22,7 +22,7 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}  # reshardable across DP/TP sizes
 STATE_FILE = "kiln.json"
+CONFIG_FILE = "config.json"
 COMPLETE_FILE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -56,6 +57,96 @@ class CheckpointConfig:
             raise ConfigError(
                 "checkpoint.keep_every_tokens", self.keep_every_tokens, "must be >= 0 (0: none)"
             )
+
+
+@dataclass
+class ResumeConfig:
+    """What a resumed run may change on purpose (the `resume` key of the run config)."""
+
+    allow_config_change: list[str] = field(default_factory=list)
+    """Config keys (or prefixes, e.g. `recipe.stages.base.lr`, `data.sources`) a resume may change although
+    the run then no longer repeats the uninterrupted one exactly. Shape-changing model keys never can."""
+
+
+# Keys of the run record that decide what a resumed stage computes; everything else (layout, logging,
+# checkpoint retention, cluster) may change freely: the layout is resharded on load.
+RESUME_KEYS = ("arch", "data", "recipe.stages.{stage}", "seed")
+# Arch fields that change tensor shapes: a checkpoint cannot load into a model that differs in one.
+SHAPE_KEYS = (
+    "arch.num_layers",
+    "arch.hidden_size",
+    "arch.num_attention_heads",
+    "arch.num_kv_heads",
+    "arch.ffn_hidden_size",
+    "arch.head_dim",
+    "arch.tie_embeddings",
+    "data.tokenizer.vocab_size",
+)
+
+
+def resume_record(cfg, stage: str) -> dict:
+    """The flat {key: value} of what a checkpoint of `stage` was computed with (see RESUME_KEYS)."""
+    import dataclasses
+
+    tree = {
+        "arch": dataclasses.asdict(cfg.model.arch()),
+        "data": dataclasses.asdict(cfg.data),
+        "seed": cfg.seed,
+    }
+    tree["recipe.stages." + stage] = dataclasses.asdict(cfg.recipe.stages[stage])
+    flat: dict = {}
+
+    def walk(prefix: str, node) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = node
+
+    walk("", tree)
+    return flat
+
+
+def check_resume(path: str, current: dict, *, allow: list[str]) -> None:
+    """Refuse to resume from `path` when the run config changed since it was saved in a way that breaks an
+    exact resume, naming every changed key; keys under an `allow` prefix pass (with a warning)."""
+    from train.errors import ConfigError
+
+    record = os.path.join(path, CONFIG_FILE)
+    if not os.path.exists(record):
+        return  # a checkpoint from before the record existed, or a foreign directory
+    with open(record) as f:
+        saved = json.load(f)
+    current = json.loads(json.dumps(current, default=str))  # compare as saved (tuples are lists in JSON)
+    changed = sorted(
+        k for k in set(saved) | set(current) if saved.get(k, "<absent>") != current.get(k, "<absent>")
+    )
+
+    def allowed(key: str) -> bool:
+        return any(key == a or key.startswith(a + ".") for a in allow)
+
+    shapes = [k for k in changed if k in SHAPE_KEYS]
+    if shapes:
+        diff = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in shapes)
+        raise ConfigError(
+            "resume",
+            path,
+            f"the checkpoint has another architecture ({diff}); these cannot be allowed: "
+            "start a new run, or a new stage with init_from",
+        )
+    refused = [k for k in changed if not allowed(k)]
+    if refused:
+        diff = "; ".join(
+            f"{k}: {saved.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}" for k in refused
+        )
+        raise ConfigError(
+            "resume",
+            path,
+            f"the config changed since this checkpoint was saved ({diff}), so the resumed run would not repeat "
+            f"the original; undo the change, or allow it: resume.allow_config_change=[{','.join(refused)}]",
+        )
+    for key in changed:
+        log.warning("resume: %s changed %r -> %r (allowed)", key, saved.get(key), current.get(key))
 
 
 def stage_dir(run_dir: str, stage: str) -> str:
@@ -176,10 +267,15 @@ def latest(directory: str) -> str | None:
     return None
 
 
+def complete_checkpoints(directory: str) -> list[str]:
+    """The stage's checkpoints that pass `verify`, oldest first."""
+    return [p for p in reversed(_complete_steps(directory)) if verify(p) is None]
+
+
 def prune(directory: str, retention: CheckpointConfig, *, keep: str) -> list[str]:
     """Delete complete checkpoints the retention policy does not keep (never `keep`, the newest K, the final
     ones, or multiples of keep_every_tokens) and stale `.tmp` directories of killed saves. Returns deleted paths."""
-    complete = [p for p in _complete_steps(directory) if verify(p) is None]
+    complete = complete_checkpoints(directory)[::-1]  # newest first
     kept = set(complete[: retention.keep_last]) | {keep}
     for p in complete:
         state = read_state(p)
@@ -198,13 +294,68 @@ def prune(directory: str, retention: CheckpointConfig, *, keep: str) -> list[str
 
 
 # ------------------------------------------------------------------------------------------ save/load
-def save(
-    directory: str, *, model, optimizer, scheduler, state: dict, retention: CheckpointConfig | None = None
-) -> str:
-    """Save on all ranks; returns the checkpoint path. `model` is the bare GPTModel (DDP's `.module`),
-    `state` the JSON-able loop state."""
-    from megatron.core import dist_checkpointing
+class MegatronState:
+    """Model chunks (and a megatron-core optimizer) written with megatron.core.dist_checkpointing, so a checkpoint
+    saved at one layout loads at another (TP, PP, virtual stages, DP). The engines' `save_state`/`load_state`
+    (parallel/engines/) follow the same two-method protocol."""
 
+    def __init__(self, chunks: list, optimizer=None) -> None:
+        self.chunks, self.optimizer = chunks, optimizer
+
+    def _model_sd(self) -> dict:
+        sds = [c.sharded_state_dict() for c in self.chunks]
+        # Virtual-pipeline chunks hold local names that repeat ("decoder.layers.0"); the sharded tensors
+        # inside carry the global names, so the nesting never reaches the files.
+        return sds[0] if len(sds) == 1 else {f"chunk{i}": sd for i, sd in enumerate(sds)}
+
+    def save_state(self, path: str, common: dict) -> None:
+        from megatron.core import dist_checkpointing
+
+        model_sd = self._model_sd()
+        sharded = {"model": model_sd, **common}
+        if self.optimizer is not None:
+            sharded["optimizer"] = self.optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_FORMAT)
+        dist_checkpointing.save(sharded, path)
+
+    def load_state(self, path: str, *, optimizer: bool) -> dict:
+        """Load weights (and the optimizer when asked and present); returns the common (non-sharded) state."""
+        from megatron.core import dist_checkpointing
+
+        model_sd = self._model_sd()
+        sharded: dict = {"model": model_sd}
+        if optimizer and self.optimizer is not None:
+            # A fresh distributed optimizer has no Adam state yet: allocate it so the checkpoint has a target.
+            for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+                opt._init_optimizer_states_with_dummy_values()
+            sharded["optimizer"] = self.optimizer.sharded_state_dict(
+                model_sd, is_loading=True, metadata=OPTIMIZER_FORMAT
+            )
+        loaded = dist_checkpointing.load(sharded, path)
+        if len(self.chunks) == 1:
+            self.chunks[0].load_state_dict(loaded["model"])
+        else:
+            for i, chunk in enumerate(self.chunks):
+                chunk.load_state_dict(loaded["model"][f"chunk{i}"])
+        if "optimizer" in sharded:
+            self.optimizer.load_state_dict(loaded["optimizer"])
+        return dist_checkpointing.load_common_state_dict(path)
+
+
+def save(
+    directory: str,
+    *,
+    scheduler,
+    state: dict,
+    retention: CheckpointConfig | None = None,
+    engine=None,
+    model=None,
+    optimizer=None,
+    record: dict | None = None,
+) -> str:
+    """Save on all ranks; returns the checkpoint path. `engine` is the training engine (parallel/engines/),
+    or give `model` (the bare GPTModel, DDP's `.module`) and `optimizer`; `state` is the JSON-able loop state,
+    `record` the `resume_record` of the config it was computed with."""
+    store = engine if engine is not None else MegatronState([model], optimizer)
     path = path_for(directory, state["step"])
     tmp = path + ".tmp"
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -212,16 +363,11 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    model_sd = model.sharded_state_dict()
-    sharded = {
-        "model": model_sd,
-        "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_FORMAT),
-        "scheduler": scheduler.state_dict(),
-        "rng": torch.get_rng_state(),
-    }
-    dist_checkpointing.save(sharded, tmp)
+    store.save_state(tmp, {"scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()})
     if rank == 0:
         _write_synced(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=2))
+        if record is not None:
+            _write_synced(os.path.join(tmp, CONFIG_FILE), json.dumps(record, indent=1, default=str))
     dist.barrier()
     # fsync and hash the files, each rank a share of them; rank 0 records them all.
     names = _files(tmp)
@@ -243,29 +389,27 @@ def save(
     return path
 
 
-def load(path: str, *, model, optimizer=None, scheduler=None, full_verify: bool = False) -> dict:
+def load(
+    path: str,
+    *,
+    engine=None,
+    model=None,
+    optimizer=None,
+    scheduler=None,
+    load_optimizer: bool = True,
+    full_verify: bool = False,
+) -> dict:
     """Load weights (and, when given, optimizer and schedule state) from `path`; returns its loop state.
-    Refuses a checkpoint that fails `verify` (with `full_verify`, every file's hash is checked)."""
-    from megatron.core import dist_checkpointing
-
+    `engine` (parallel/engines/) or `model` + `optimizer` as in `save`; with an engine, `load_optimizer`
+    says whether its optimizer state is loaded. Refuses a checkpoint that fails `verify` (with
+    `full_verify`, every file's hash is checked)."""
     problem = verify(path, full=full_verify)
     if problem is not None:
         raise RuntimeError(f"refusing to load a broken checkpoint: {problem}")
-    model_sd = model.sharded_state_dict()
-    sharded: dict = {"model": model_sd}
-    if optimizer is not None:
-        # A fresh distributed optimizer has no Adam state yet: allocate it so the checkpoint has a target.
-        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-            opt._init_optimizer_states_with_dummy_values()
-        sharded["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=True, metadata=OPTIMIZER_FORMAT
-        )
-    loaded = dist_checkpointing.load(sharded, path)
-    model.load_state_dict(loaded["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+    if engine is None:
+        engine, load_optimizer = MegatronState([model], optimizer), optimizer is not None
+    common = engine.load_state(path, optimizer=load_optimizer)
     if scheduler is not None:
-        common = dist_checkpointing.load_common_state_dict(path)
         scheduler.load_state_dict(common["scheduler"])
         torch.set_rng_state(common["rng"])
     return read_state(path)

@@ -9,90 +9,34 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from models.llama import LlamaArch, resolve_arch
+from data.config import DataConfig
+from models.arch import Arch
+from models.registry import resolve_arch
 from parallel.layout import ParallelLayout
-from train.checkpoint import CheckpointConfig
+from train.checkpoint import CheckpointConfig, ResumeConfig
 from train.errors import ConfigError
 from train.schedule import SCHEDULES, WSD_DECAY_STYLES
 
-SOURCE_KINDS = ("python_stdlib", "package_docs", "files")
 WANDB_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
 
 
 # ----------------------------------------------------------------------------------------------- data
-@dataclass
-class SourceConfig:
-    kind: str = "files"
-    """python_stdlib (the interpreter's own .py sources), package_docs (README/.md/.rst and METADATA
-    descriptions of installed packages) or files (the `paths` globs: .jsonl with a `text` field, else plain text)."""
-    paths: list[str] = field(default_factory=list)
-    """Globs read by kind=files (`**` allowed)."""
-    max_docs: int | None = None
-    """Keep at most this many documents (after sorting inputs by path, so the choice is deterministic)."""
-    max_bytes: int | None = None
-    """Stop reading once this many UTF-8 bytes of documents are kept."""
-
-
-@dataclass
-class TokenizerConfig:
-    vocab_size: int = 4096
-    """SentencePiece vocabulary size (the model pads it to a multiple of 128)."""
-    model_type: str = "bpe"
-    """SentencePiece model type: bpe or unigram."""
-    byte_fallback: bool = True
-    """Unknown characters become UTF-8 byte tokens, so no text is ever <unk>."""
-    train_bytes: int = 8_000_000
-    """Bytes of text (sampled evenly over sources) used to train the tokenizer."""
-
-
-@dataclass
-class DataConfig:
-    sources: dict[str, SourceConfig] = field(default_factory=dict)
-    """Named sources; stage mixes refer to these names."""
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    cache_dir: str = "${run_dir}/data"
-    """Where prepared data lives; each preparation goes in a subdirectory named by the data config's hash."""
-    min_chars: int = 64
-    """Drop documents shorter than this many characters after normalization."""
-    valid_percent: int = 2
-    """Percent of each source's documents held out for validation."""
-    seed: int = 1234
-    """Seed of the blended dataset's sample order."""
-
-    def __post_init__(self) -> None:
-        if not self.sources:
-            raise ConfigError("data.sources", {}, "name at least one source, e.g. data=default")
-        for name, src in self.sources.items():
-            if src.kind not in SOURCE_KINDS:
-                raise ConfigError(
-                    f"data.sources.{name}.kind", src.kind, f"choose one of {', '.join(SOURCE_KINDS)}"
-                )
-            if src.kind == "files" and not src.paths:
-                raise ConfigError(
-                    f"data.sources.{name}.paths", [], "kind=files needs at least one path or glob"
-                )
-        if self.tokenizer.model_type not in ("bpe", "unigram"):
-            raise ConfigError("data.tokenizer.model_type", self.tokenizer.model_type, "choose bpe or unigram")
-        if not 256 < self.tokenizer.vocab_size <= 65_000:
-            raise ConfigError(
-                "data.tokenizer.vocab_size", self.tokenizer.vocab_size, "use 257..65000 (uint16 token files)"
-            )
-        if not 0 < self.valid_percent < 50:
-            raise ConfigError("data.valid_percent", self.valid_percent, "use a percent between 1 and 49")
+# The data group's schema (DataConfig, SourceConfig, TokenizerConfig, ...) lives in data/config.py.
 
 
 # ---------------------------------------------------------------------------------------------- model
 @dataclass
 class ModelConfig:
     family: str = "llama3"
-    """Model family (models/): llama3."""
+    """Model family (models/registry.py): llama3, mistral, mixtral, qwen2, gemma2, deepseek_v2."""
     size: str = "tiny"
-    """A size of the family, defined in code (models/llama.py SIZES)."""
+    """A size of the family, defined in code (e.g. models/llama.py sizes(); `tiny` for every family)."""
     num_layers: int | None = None
     """Overrides of the size's values; null keeps the size's own."""
     hidden_size: int | None = None
@@ -101,10 +45,21 @@ class ModelConfig:
     ffn_hidden_size: int | None = None
     rope_theta: float | None = None
     tie_embeddings: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Overrides of any other architecture field (models/arch.py Arch), e.g. `+model.extra.sliding_window=512`,
+    `+model.extra.rope={kind: yarn, factor: 4}` or `+model.extra.moe={top_k: 1}`."""
 
-    def arch(self) -> LlamaArch:
-        overrides = {k: v for k, v in vars(self).items() if k not in ("family", "size") and v is not None}
-        return resolve_arch(self.family, self.size, **overrides)
+    def arch(self) -> Arch:
+        overrides = {
+            k: v for k, v in vars(self).items() if k not in ("family", "size", "extra") and v is not None
+        }
+        extra = OmegaConf.to_container(self.extra) if isinstance(self.extra, DictConfig) else dict(self.extra)
+        clash = sorted(set(extra) & set(overrides))
+        if clash:
+            raise ConfigError(
+                f"model.extra.{clash[0]}", extra[clash[0]], f"set it as model.{clash[0]} instead"
+            )
+        return resolve_arch(self.family, self.size, **overrides, **extra)
 
     def __post_init__(self) -> None:
         self.arch()  # raises ConfigError naming the bad key
@@ -291,6 +246,57 @@ class SlurmOptions:
     """Environment exported in the job (NCCL settings, timeouts)."""
     max_restarts: int = 10
     """Requeues after preemption or time limit before the job gives up."""
+    signal_lead_s: int = 300
+    """Seconds before the time limit Slurm signals the job (`--signal=B:USR1@<lead>`): one training step plus
+    one checkpoint write, with margin (Slurm may send it up to 60 s early)."""
+    cpus_per_node: int | None = None
+    """CPUs per node for the job (`--cpus-per-task`, one task per node); null leaves Slurm's default."""
+    venv: str | None = None
+    """A virtualenv to activate in the job (`source <venv>/bin/activate`)."""
+    python: str | None = None
+    """Interpreter the job runs; null: `python` when a venv or container is set, else the submitting one."""
+    container_mounts: str | None = None
+    """pyxis `--container-mounts` with container_image (the run directory must be visible inside)."""
+    port_base: int = 15000
+    """Rendezvous port = port_base + job id % 10000, so two jobs on one node do not collide."""
+    sbatch_args: list[str] = field(default_factory=list)
+    """Extra `#SBATCH` options as given to sbatch (e.g. "--gres=gpu:8", "--reservation=x")."""
+
+    def __post_init__(self) -> None:
+        limit = slurm_time_seconds(self.time)
+        if limit is None:
+            raise ConfigError(
+                "cluster.slurm.time",
+                self.time,
+                "use Slurm's format: MM, HH:MM:SS or D-HH:MM:SS, e.g. 04:00:00",
+            )
+        if not 0 < self.signal_lead_s < limit:
+            raise ConfigError(
+                "cluster.slurm.signal_lead_s",
+                self.signal_lead_s,
+                f"must be > 0 and shorter than the time limit ({limit} s), sized to one step + one checkpoint",
+            )
+        if self.cpus_per_node is not None and self.cpus_per_node < 1:
+            raise ConfigError("cluster.slurm.cpus_per_node", self.cpus_per_node, "must be >= 1 or null")
+        if not 1024 <= self.port_base <= 55535:
+            raise ConfigError("cluster.slurm.port_base", self.port_base, "use a port in 1024..55535")
+
+
+def slurm_time_seconds(text: str) -> int | None:
+    """Seconds of a Slurm time limit (sbatch(1) --time: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S), None if malformed."""
+    import re
+
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", str(text).strip())
+    if not m:
+        return None
+    days, a, b, c = (int(g) if g is not None else None for g in m.groups())
+    if days is not None:  # D-H[:M[:S]]
+        return days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    if c is not None:  # H:M:S
+        return a * 3600 + b * 60 + c
+    if b is not None:  # M:S
+        return a * 60 + b
+    return a * 60  # M
 
 
 @dataclass
@@ -333,6 +339,8 @@ class TrainConfig:
     cluster: ClusterConfig = MISSING
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Retention (keep last K, every M tokens) and verification of checkpoints (train/checkpoint.py)."""
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
+    """Config changes a resume may make on purpose (train/checkpoint.py check_resume)."""
     experiment: str = "kiln"
     """Run directory is runs/<experiment>/<name>."""
     name: str = "${recipe.name}"
@@ -365,7 +373,12 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.device not in DEVICES:
         raise ConfigError("device", cfg.device, f"choose one of {', '.join(DEVICES)}")
     arch = cfg.model.arch()
-    cfg.parallel.check_model(heads=arch.num_attention_heads, kv_heads=arch.num_kv_heads)
+    cfg.parallel.check_model(
+        heads=arch.num_attention_heads,
+        kv_heads=arch.num_kv_heads,
+        layers=arch.num_layers,
+        experts=getattr(arch, "num_experts", None) or 0,
+    )
     stages = cfg.recipe.stages
     if not stages:
         raise ConfigError("recipe.stages", {}, "a recipe needs at least one stage")
@@ -379,7 +392,11 @@ def validate(cfg: TrainConfig) -> None:
                     stage.mix[src],
                     f"no such data source; sources are {sorted(cfg.data.sources)}",
                 )
-        cfg.parallel.check_batch(key=f"recipe.stages.{name}.batch_tokens", sequences=stage.batch_sequences)
+        cfg.parallel.check_batch(
+            key=f"recipe.stages.{name}.batch_tokens",
+            sequences=stage.batch_sequences,
+            seq_length=stage.seq_length,
+        )
         if stage.init_from is not None and stage.init_from not in seen and not os.path.isdir(stage.init_from):
             raise ConfigError(
                 f"recipe.stages.{name}.init_from",

@@ -3,7 +3,6 @@ an earlier stage, or its own latest checkpoint, and train for the stage's tokens
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -13,9 +12,10 @@ import torch.distributed as dist
 
 from data import blend
 from data.prepare import PreparedData
-from models.llama import build_model, padded_vocab_size
-from parallel import engine
-from train import checkpoint, metrics
+from models.gpt import build_model
+from models.llama import padded_vocab_size
+from parallel.engines import OptimSettings, build_engine
+from train import checkpoint, metrics, signals
 from train.config import StageConfig, TrainConfig
 from train.logs import MetricSinks, Progress, set_stage, set_step
 from train.schedule import build_scheduler
@@ -53,65 +53,6 @@ class Run:
     sinks: MetricSinks
 
 
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def _forward_step(data_iterator, model, *, num_sources: int = 0):
-    """megatron-core forward step: per-token losses summed over the loss mask; the schedule divides by
-    the token count (and micro-batches), and the reported [sum, count] pair gives an exact token mean.
-    Also [sum, count] pairs per position bucket and, with the samples' blend sources in the batch, per source."""
-    batch = next(data_iterator)
-    output = model(
-        batch["tokens"], batch["position_ids"], None, labels=batch["labels"]
-    )  # (batch, seq) losses
-    mask = batch["loss_mask"]
-
-    def loss_func(losses: torch.Tensor):
-        per_token = losses.float() * mask
-        loss = per_token.sum()
-        count = mask.sum().to(torch.int)
-        report = {"lm loss": torch.stack([loss.detach().clone(), count.float()])}
-        report.update(metrics.loss_pairs(per_token.detach(), mask, batch.get("source"), num_sources))
-        return loss, count, report
-
-    return output, loss_func
-
-
-def _dp_mean(pairs: list[torch.Tensor]) -> float:
-    """Token-mean loss over this rank's micro-batches and its data-parallel peers, from [sum, count] pairs."""
-    from megatron.core import parallel_state
-
-    total = torch.stack(pairs).sum(dim=0)
-    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-    return (total[0] / total[1]).item()
-
-
-def _fwd_bwd(
-    run: Run, ddp, micro: list[dict], *, seq_length: int, forward_only: bool, sources: list[str] | None = None
-):
-    """(token-mean loss of the batch, more metrics): `loss/<source>` with `sources` and the samples'
-    sources in the batch; `by_position` (loss per position bucket) when `forward_only`."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    losses = get_forward_backward_func()(
-        forward_step_func=functools.partial(_forward_step, num_sources=len(sources or ())),
-        data_iterator=iter([_to(mb, run.device) for mb in micro]),
-        model=[ddp],
-        num_microbatches=len(micro),
-        seq_length=seq_length,
-        micro_batch_size=run.cfg.parallel.micro_batch,
-        forward_only=forward_only,
-    )
-    loss = _dp_mean([entry["lm loss"] for entry in losses])
-    extra = {}
-    if sources and micro and "source" in micro[0]:
-        extra = metrics.source_losses([entry["source loss"] for entry in losses], sources)
-    if forward_only:
-        extra["by_position"] = metrics.position_losses([entry["position loss"] for entry in losses])
-    return loss, extra
-
-
 def _valid_record(losses: dict[str, float], positions: dict | None = None) -> dict:
     return {f"valid/{k}": v for k, v in losses.items()} | {
         f"valid_by_position/{k}": v for k, v in (positions or {}).items()
@@ -119,17 +60,17 @@ def _valid_record(losses: dict[str, float], positions: dict | None = None) -> di
 
 
 def evaluate(
-    run: Run, ddp, datasets: dict, stage: StageConfig, positions: dict | None = None
+    run: Run, engine, datasets: dict, stage: StageConfig, positions: dict | None = None
 ) -> dict[str, float]:
-    """Held-out loss per source, over `stage.eval_tokens` tokens (split over data-parallel ranks); loss per
-    position bucket per source into `positions` when given."""
+    """Held-out loss per source, over `stage.eval_tokens` tokens (split over data-parallel ranks); the loss
+    per position bucket of each source into `positions` when given (and the engine reports it)."""
     from megatron.core import parallel_state
 
     layout = run.cfg.parallel
     per_step = layout.dp_size * layout.micro_batch
     samples = max(per_step, stage.eval_tokens // stage.seq_length // per_step * per_step)
     out = {}
-    ddp.eval()
+    engine.eval()
     with torch.no_grad():
         for name, ds in datasets.items():
             idx = blend.step_indices(
@@ -139,15 +80,16 @@ def evaluate(
                 dp_size=layout.dp_size,
             )
             micro = blend.micro_batches(ds, idx, micro_batch=layout.micro_batch)
-            out[name], extra = _fwd_bwd(run, ddp, micro, seq_length=stage.seq_length, forward_only=True)
-            if positions is not None:
-                positions[name] = extra["by_position"]
-    ddp.train()
+            out[name] = engine.forward_backward(micro, seq_length=stage.seq_length, forward_only=True)
+            by_position = metrics.position_losses(engine)
+            if positions is not None and by_position:
+                positions[name] = by_position
+    engine.train()
     return out
 
 
-def _current_lr(optimizer) -> float:
-    return optimizer.param_groups[0]["lr"]
+def _current_lr(engine) -> float:
+    return engine.param_groups[0]["lr"]
 
 
 def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None) -> StageResult:
@@ -160,25 +102,41 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
     if resume is not None and checkpoint.read_state(resume)["final"]:
         log.info("stage %s is complete (%s); skipping", name, resume)
         return StageResult(**checkpoint.read_state(resume))
+    config_record = checkpoint.resume_record(cfg, name)
+    if resume is not None:
+        checkpoint.check_resume(resume, config_record, allow=cfg.resume.allow_config_change)
 
     dtype = torch.bfloat16 if run.device.type == "cuda" else torch.float32
-    model = build_model(
-        cfg.model.arch(),
-        vocab_size=run.vocab_size,
-        max_seq_length=stage.seq_length,
-        tp=layout.tp,
-        sp=layout.sp,
-        rope_scaling_factor=stage.rope_scaling_factor,
+    peak_lr = stage.lr
+    if resume is not None:
+        peak_lr = checkpoint.read_state(resume)["peak_lr"]
+    elif init_path is not None and peak_lr is None:
+        peak_lr = checkpoint.read_state(init_path)["lr"]
+    # The engine (layout.engine) cuts the model into its stages, wraps it and owns the optimizer.
+    engine = build_engine(
+        layout,
+        build_model=lambda: build_model(
+            cfg.model.arch(),
+            vocab_size=run.vocab_size,
+            max_seq_length=stage.seq_length,
+            tp=layout.tp,
+            sp=layout.sp,
+            rope_scaling_factor=stage.rope_scaling_factor,
+            dtype=dtype,
+        ),
+        optim=OptimSettings(
+            lr=peak_lr,
+            min_lr=stage.min_lr,
+            weight_decay=stage.weight_decay,
+            betas=(stage.adam_beta1, stage.adam_beta2),
+            eps=stage.adam_eps,
+            clip_grad=stage.clip_grad,
+        ),
+        device=run.device,
         dtype=dtype,
-    ).to(run.device)
-    if dtype != torch.float32:
-        from megatron.core.transformer.module import Float16Module
-
-        model = Float16Module(model.config, model)
-    ddp = engine.wrap_ddp(model, layout)
-    engine.configure_schedule_hooks(ddp)
-    order = list(cfg.recipe.stages)
-    sources = sorted(stage.mix)
+        grad_accum=layout.accum_steps(stage.batch_sequences),
+    )
+    order, sources = list(cfg.recipe.stages), sorted(stage.mix)
     meter = metrics.StageMetrics(
         logging_cfg=cfg.logging,
         stage=stage,
@@ -189,28 +147,13 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         later_tokens=0
         if cfg.only_stage
         else sum(cfg.recipe.stages[s].tokens for s in order[order.index(name) + 1 :]),
-        peak_flops=metrics.peak_flops_per_device(cfg.logging, gpu=cfg.cluster.gpu),
+        peak_flops=metrics.peak_flops_per_device(
+            cfg.logging, gpu=cfg.cluster.gpu, device=run.device, dtype=dtype
+        ),
     )
-    meter.attach(ddp)
-
-    peak_lr = stage.lr
-    if resume is not None:
-        peak_lr = checkpoint.read_state(resume)["peak_lr"]
-    elif init_path is not None and peak_lr is None:
-        peak_lr = checkpoint.read_state(init_path)["lr"]
-    optimizer = engine.build_optimizer(
-        ddp,
-        layout=layout,
-        lr=peak_lr,
-        min_lr=stage.min_lr,
-        weight_decay=stage.weight_decay,
-        betas=(stage.adam_beta1, stage.adam_beta2),
-        eps=stage.adam_eps,
-        clip_grad=stage.clip_grad,
-        bf16=dtype == torch.bfloat16,
-    )
+    meter.attach(engine)
     scheduler = build_scheduler(
-        optimizer,
+        engine,
         peak_lr=peak_lr,
         min_lr=stage.min_lr,
         tokens=stage.tokens,
@@ -226,8 +169,7 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         result = StageResult(
             **checkpoint.load(
                 resume,
-                model=ddp.module,
-                optimizer=optimizer,
+                engine=engine,
                 scheduler=scheduler,
                 full_verify=cfg.checkpoint.full_verify,
             )
@@ -236,11 +178,22 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
     elif init_path is not None:
         # Keep the previous stage's Adam moments when asked, never its schedule: its param groups carry
         # their own max_lr/min_lr, which megatron-core's scheduler would go on using.
-        schedule = [{k: g[k] for k in ("lr", "max_lr", "min_lr") if k in g} for g in optimizer.param_groups]
-        checkpoint.load(init_path, model=ddp.module, optimizer=optimizer if stage.keep_optimizer else None)
-        for group, own in zip(optimizer.param_groups, schedule, strict=True):
+        schedule = [{k: g[k] for k in ("lr", "max_lr", "min_lr") if k in g} for g in engine.param_groups]
+        checkpoint.load(init_path, engine=engine, load_optimizer=stage.keep_optimizer)
+        for group, own in zip(engine.param_groups, schedule, strict=True):
             group.update(own)
         log.info("initialized %s from %s (peak LR %.3g)", name, init_path, peak_lr)
+
+    def save() -> None:
+        result.checkpoint = checkpoint.path_for(directory, result.step)
+        checkpoint.save(
+            directory,
+            engine=engine,
+            scheduler=scheduler,
+            state=vars(result),
+            retention=cfg.checkpoint,
+            record=config_record,
+        )
 
     steps = stage.steps
     train_ds = blend.train_dataset(
@@ -269,7 +222,7 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
     run.sinks.write(meter.stage_record(name, step=result.step))
     if result.step == 0:
         positions = {}
-        result.valid_start = evaluate(run, ddp, valid_ds, stage, positions)
+        result.valid_start = evaluate(run, engine, valid_ds, stage, positions)
         run.sinks.write(
             {"stage": name, "step": 0, "tokens": 0, **_valid_record(result.valid_start, positions)}
         )
@@ -285,31 +238,26 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
     dp_rank = parallel_state.get_data_parallel_rank()
     eval_every = stage.eval_every_tokens // stage.batch_tokens if stage.eval_every_tokens else 0
     save_every = stage.save_every_tokens // stage.batch_tokens if stage.save_every_tokens else 0
-    params = [p for p in ddp.module.parameters() if p.requires_grad]
+    params = [p for m in engine.modules for p in m.parameters() if p.requires_grad]
     for step in range(result.step, steps):
         set_step(step + 1)
         is_log = (step + 1) % cfg.logging.log_every_steps == 0 or step + 1 == steps
         t0 = time.time()
         meter.start_step()
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
+        engine.zero_grad()
         with meter.phase("data_wait"):
             idx = blend.step_indices(
                 step, batch_sequences=stage.batch_sequences, dp_rank=dp_rank, dp_size=layout.dp_size
             )
             micro = blend.micro_batches(train_ds, idx, micro_batch=layout.micro_batch)
-            ids = metrics.source_ids(train_ds, idx)
-            for i, mb in enumerate(micro if ids is not None else []):
-                mb["source"] = ids[i * layout.micro_batch : (i + 1) * layout.micro_batch]
-        lr = _current_lr(optimizer)
+            metrics.tag_sources(micro, train_ds, idx)
+        lr = _current_lr(engine)
         with meter.phase("forward_backward"):
-            loss, by_source = _fwd_bwd(
-                run, ddp, micro, seq_length=stage.seq_length, forward_only=False, sources=sources
-            )
+            loss = engine.forward_backward(micro, seq_length=stage.seq_length)
         if is_log:
             meter.before_update(params)
         with meter.phase("optimizer"):
-            _, grad_norm, _ = optimizer.step()
+            grad_norm = engine.step()
             scheduler.step(increment=stage.batch_tokens)
         meter.end_step()
         result.step, result.tokens, result.lr = step + 1, result.tokens + stage.batch_tokens, lr
@@ -321,24 +269,17 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
             "tokens": result.tokens,
             "loss": loss,
             "lr": lr,
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            **by_source,
+            "grad_norm": grad_norm,
+            **metrics.source_losses(engine, sources),
         }
         straggler = meter.straggler_check(result.step)
         is_eval = bool(eval_every) and result.step % eval_every == 0 and result.step != steps
         if is_eval:
-            record.update(_valid_record(evaluate(run, ddp, valid_ds, stage)))
+            record.update(_valid_record(evaluate(run, engine, valid_ds, stage)))
         if is_log:
-            consumed = getattr(train_ds, "dataset_index", None)
-            consumed = consumed[: result.step * stage.batch_sequences] if consumed is not None else None
+            consumed = metrics.consumed_sources(train_ds, samples=result.step * stage.batch_sequences)
             record.update(
-                meter.interval(
-                    step=result.step,
-                    tokens=result.tokens,
-                    params=params,
-                    consumed_ids=consumed,
-                    extra=straggler,
-                )
+                meter.interval(step=result.step, params=params, consumed_ids=consumed, extra=straggler)
             )
         if is_log or is_eval:
             run.sinks.write(record)
@@ -349,18 +290,21 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
             record=record if is_log else None,
         )
         if save_every and result.step % save_every == 0 and result.step != steps:
-            result.checkpoint = checkpoint.path_for(directory, result.step)
-            checkpoint.save(
-                directory,
-                model=ddp.module,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                state=vars(result),
-                retention=cfg.checkpoint,
+            save()
+        if signals.stop_requested(run.device):  # Slurm's USR1/TERM or the stop file, agreed by every rank
+            if result.checkpoint != checkpoint.path_for(directory, result.step):
+                save()
+            progress.close()
+            signals.stop(
+                run_dir=cfg.run_dir,
+                max_restarts=cfg.cluster.slurm.max_restarts,
+                stage=name,
+                step=result.step,
+                checkpoint=result.checkpoint,
             )
     progress.close()
     positions = {}
-    result.valid_end = evaluate(run, ddp, valid_ds, stage, positions)
+    result.valid_end = evaluate(run, engine, valid_ds, stage, positions)
     run.sinks.write(
         {
             "stage": name,
@@ -377,15 +321,7 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         _fmt(result.valid_end),
     )
     result.final = True
-    result.checkpoint = checkpoint.path_for(directory, result.step)
-    checkpoint.save(
-        directory,
-        model=ddp.module,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        state=vars(result),
-        retention=cfg.checkpoint,
-    )
+    save()
     return result
 
 

@@ -34,25 +34,26 @@ FAULT_ENV = "KILN_FAULT_SLOW_RANK"
 """Fault injection for the straggler test: "RANK:SECONDS" sleeps that long in RANK's data wait each step."""
 
 
-def peak_flops_per_device(logging_cfg, *, gpu: str) -> float | None:
-    """Peak dense FLOP/s of one device, or None (then MFU is not logged).
+# torch.cuda.get_device_name() fragments -> keys of the planner's device table (parallel/plan/hardware.py).
+CUDA_NAMES = (("H200", "h200"), ("H100 PCIe", "h100_pcie"), ("H100", "h100_sxm"), ("B200", "b200"),
+              ("A100-SXM4-40GB", "a100_40gb"), ("A100", "a100"), ("MI300X", "mi300x"))  # fmt: skip
 
-    LEAD: point this at the planner's device table (`parallel.plan.hardware.peak_flops`) once it lands; until
-    then only the `logging.peak_tflops` override is known. `gpu` is `cluster.gpu` (the table's key).
-    """
+
+def peak_flops_per_device(logging_cfg, *, gpu: str, device: torch.device, dtype: torch.dtype) -> float | None:
+    """Peak dense FLOP/s of one device in the training dtype: `logging.peak_tflops` when set, else the
+    planner's device table for `cluster.gpu`; on a GPU run whose cluster says cpu (cluster=local), the
+    table entry the CUDA device name matches. None (MFU not logged) when the device is not in the table."""
+    from parallel.plan import hardware
+
     if logging_cfg.peak_tflops:
         return logging_cfg.peak_tflops * 1e12
-    del gpu
-    return None
-
-
-def source_ids(dataset, indices: range) -> torch.Tensor | None:
-    """The blend source of each sample (index into the sorted mix names), or None for a single-source
-    dataset (megatron-core builds a plain GPTDataset when the mix has one source)."""
-    index = getattr(dataset, "dataset_index", None)
-    if index is None:
+    if device.type == "cuda" and gpu == "cpu":
+        name = torch.cuda.get_device_name(device)
+        gpu = next((key for frag, key in CUDA_NAMES if frag in name), "")
+    if gpu not in hardware.DEVICES:
         return None
-    return torch.as_tensor(np.asarray(index[indices.start : indices.stop]), dtype=torch.long)
+    kind = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    return hardware.DEVICES[gpu].peak.get(kind)
 
 
 def _injected_delay() -> None:
@@ -64,14 +65,19 @@ def _injected_delay() -> None:
 
 
 def _param_norm(params: list[torch.Tensor]) -> torch.Tensor:
-    """Squared L2 norm of this rank's parameters, counting tensor-parallel duplicates once."""
+    """Squared L2 norm of the model's parameters: this rank's, tensor-parallel duplicates counted once,
+    summed over the model-parallel (tensor x pipeline) group. Experts sharded over an expert-parallel group
+    count this rank's experts only."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
     own = [p for p in params if param_is_not_tensor_parallel_duplicate(p)]
     sq = torch.stack([p.detach().float().pow(2).sum() for p in own]).sum()
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(sq, group=parallel_state.get_tensor_model_parallel_group())
+    if (
+        parallel_state.get_model_parallel_group() is not None
+        and dist.get_world_size(parallel_state.get_model_parallel_group()) > 1
+    ):
+        dist.all_reduce(sq, group=parallel_state.get_model_parallel_group())
     return sq
 
 
@@ -124,6 +130,7 @@ class StageMetrics:
         self._straggler_steps = 0
         self._step_start = self._sync_at_start = 0.0
         self._before: list[torch.Tensor] | None = None
+        self._ratio_ok = True
 
     # ------------------------------------------------------------------------------------ timing
     def _reset_window(self) -> None:
@@ -146,19 +153,22 @@ class StageMetrics:
         finally:
             self.times[name] += time.perf_counter() - start
 
-    def attach(self, ddp) -> None:
+    def attach(self, engine) -> None:
         """Time megatron-core's finalize_model_grads (waiting for the bucketed gradient reduce) as the
-        grad_sync phase: on a fast rank it is the time spent waiting for slower ones."""
-        config = ddp.config
-        inner = config.finalize_model_grads_func
-        if inner is None:
-            return
+        grad_sync phase: on a fast rank it is the time spent waiting for slower ones. DeepSpeed reduces
+        inside backward, where it cannot be told apart (grad_sync stays 0)."""
+        self._ratio_ok = getattr(engine, "name", "") == "megatron"  # ZeRO-3 partitions the parameters
+        configs = {id(m.config): m.config for m in getattr(engine, "ddp", [])}
+        for config in configs.values():
+            inner = config.finalize_model_grads_func
+            if inner is None:
+                continue
 
-        def timed(*args, **kwargs):
-            with self.phase("grad_sync"):
-                return inner(*args, **kwargs)
+            def timed(*args, _inner=inner, **kwargs):
+                with self.phase("grad_sync"):
+                    return _inner(*args, **kwargs)
 
-        config.finalize_model_grads_func = timed
+            config.finalize_model_grads_func = timed
 
     def end_step(self) -> None:
         elapsed = time.perf_counter() - self._step_start
@@ -172,7 +182,7 @@ class StageMetrics:
     def before_update(self, params: list[torch.Tensor]) -> None:
         """Snapshot the parameters before the optimizer step (logging steps only: one copy of the
         rank's parameters for the duration of the step)."""
-        if self.cfg.update_ratio:
+        if self.cfg.update_ratio and self._ratio_ok:
             self._before = [p.detach().clone() for p in params]
 
     def _update_ratio(self, params: list[torch.Tensor]) -> dict[str, float]:
@@ -236,7 +246,6 @@ class StageMetrics:
         self,
         *,
         step: int,
-        tokens: int,
         params: list[torch.Tensor],
         consumed_ids=None,
         extra: dict[str, float] | None = None,
@@ -285,37 +294,66 @@ POSITION_BUCKETS = 8
 """Validation loss by position is reported in this many equal-width buckets of the context."""
 
 
-def loss_pairs(per_token: torch.Tensor, mask: torch.Tensor, source: torch.Tensor | None, num_sources: int):
-    """[sum, count] pairs of one micro-batch's masked per-token losses (batch, seq): per position bucket
-    (buckets, 2) and, given each sample's blend source, per source (sources, 2)."""
+def tag_sources(micro: list[dict], dataset, indices: range) -> None:
+    """Give each micro-batch the one-hot blend source of its samples ("source", (batch, sources)), so the
+    engines can report the loss per source. A single-source dataset (megatron-core builds a plain GPTDataset
+    when the mix has one source) is left untagged."""
+    index = getattr(dataset, "dataset_index", None)
+    if index is None:
+        return
+    ids = torch.as_tensor(np.asarray(index[indices.start : indices.stop]), dtype=torch.long)
+    onehot = torch.nn.functional.one_hot(ids, len(dataset.datasets)).float()
+    size = micro[0]["tokens"].shape[0] if micro else 0
+    for i, mb in enumerate(micro):
+        mb["source"] = onehot[i * size : (i + 1) * size]
+
+
+def consumed_sources(dataset, *, samples: int):
+    """The blend source of each of the first `samples` samples of the stage (None for a single source)."""
+    index = getattr(dataset, "dataset_index", None)
+    return None if index is None else np.asarray(index[:samples])
+
+
+def loss_pairs(losses: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+    """[sum, count] pairs of one micro-batch's masked per-token losses (batch, seq), for the engines' loss
+    functions: per position bucket ("position loss", (buckets, 2)) and, when the batch carries its samples'
+    one-hot sources, per source ("source loss", (sources, 2))."""
+    mask = batch["loss_mask"].float()
+    per_token = losses.detach().float() * mask
     seq = per_token.shape[1]
     buckets = POSITION_BUCKETS if seq % POSITION_BUCKETS == 0 else 1
     out = {
         "position loss": torch.stack(
-            [per_token.sum(0).view(buckets, -1).sum(1), mask.float().sum(0).view(buckets, -1).sum(1)], dim=1
+            [per_token.sum(0).view(buckets, -1).sum(1), mask.sum(0).view(buckets, -1).sum(1)], dim=1
         )
     }
-    if source is not None:
-        onehot = torch.nn.functional.one_hot(source, num_sources).to(per_token.dtype)  # (batch, sources)
-        out["source loss"] = onehot.T @ torch.stack([per_token.sum(1), mask.float().sum(1)], dim=1)
+    if "source" in batch:  # (batch, sources)^T @ (batch, 2) -> (sources, 2)
+        out["source loss"] = batch["source"].T.float() @ torch.stack([per_token.sum(1), mask.sum(1)], dim=1)
     return out
 
 
-def _reduced_means(pairs: list[torch.Tensor]) -> list[float | None]:
-    """Token means from per-micro-batch (n, 2) [sum, count] tensors, summed over data-parallel ranks."""
-    from megatron.core import parallel_state
-
-    total = torch.stack(pairs).sum(dim=0)
-    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-    return [s / c if c > 0 else None for s, c in total.tolist()]
-
-
-def source_losses(pairs: list[torch.Tensor], sources: list[str]) -> dict[str, float]:
-    """`loss/<source>` token means (sources without tokens in the batch are left out)."""
-    means = _reduced_means(pairs)
-    return {f"loss/{name}": m for name, m in zip(sources, means, strict=True) if m is not None}
+def reduce_breakdown(entries: list[dict], *, group=None) -> dict[str, torch.Tensor]:
+    """Sum the `loss_pairs` of a step's micro-batches (entries may hold other keys) and over `group`."""
+    keys = [k for k in ("position loss", "source loss") if entries and k in entries[0]]
+    out = {}
+    for key in keys:
+        total = torch.stack([e[key] for e in entries]).sum(dim=0)
+        dist.all_reduce(total, group=group)
+        out[key] = total
+    return out
 
 
-def position_losses(pairs: list[torch.Tensor]) -> list[float | None]:
-    """Token-mean loss per position bucket."""
-    return _reduced_means(pairs)
+def _means(total: torch.Tensor | None) -> list[float | None]:
+    return [] if total is None else [s / c if c > 0 else None for s, c in total.tolist()]
+
+
+def source_losses(engine, sources: list[str]) -> dict[str, float]:
+    """`loss/<source>` token means of the engine's last batch (sources without tokens are left out; nothing
+    when the engine could not report them, e.g. under pipeline parallelism)."""
+    means = _means(getattr(engine, "loss_breakdown", {}).get("source loss"))
+    return {f"loss/{name}": m for name, m in zip(sources, means) if m is not None}
+
+
+def position_losses(engine) -> list[float | None]:
+    """Token-mean loss per position bucket of the engine's last batch ([] when not reported)."""
+    return _means(getattr(engine, "loss_breakdown", {}).get("position loss"))

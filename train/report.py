@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from models.llama import build_model
+from models.gpt import build_model
 from train import checkpoint
 from train.config import TrainConfig
 

@@ -14,7 +14,7 @@ from data.prepare import load_prepared, prepare_data, prepared_dir
 from data.tokenizer import load_tokenizer
 from models.llama import padded_vocab_size
 from parallel import engine
-from train import checkpoint
+from train import checkpoint, signals
 from train.config import TrainConfig
 from train.logs import MetricSinks, set_stage, setup_logging
 from train.loop import Run, StageResult, run_stage
@@ -43,6 +43,7 @@ def init_checkpoint(cfg: TrainConfig, init_from: str | None) -> str | None:
 def run(cfg: TrainConfig) -> list[StageResult]:
     device = engine.pick_device(cfg.device)
     engine.init_distributed(device)
+    signals.install()  # USR1/TERM: checkpoint and requeue at the next step end
     rank = dist.get_rank()
     setup_logging(
         rank=rank, level=cfg.logging.level, log_file=os.path.join(cfg.run_dir, "logs", f"rank{rank}.log")

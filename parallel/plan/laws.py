@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from parallel.plan.hardware import DEVICES, budget_from_gpu_hours  # noqa: F401
 from train.errors import ConfigError
 
 # Hoffmann et al. 2022, Table 3 (Approach 1): (parameters, training FLOPs, training tokens).
@@ -139,18 +140,5 @@ def overtrained(flops: float, *, tokens_per_param: float, loss_law: ParametricLa
     )
 
 
-# Dense bf16 tensor-core peak, FLOP/s (NVIDIA data sheets: H100 SXM and H200 989.4 TFLOPS, A100 312 TFLOPS).
-PEAK_BF16_FLOPS = {"h100_sxm": 989.4e12, "h200": 989.4e12, "a100": 312e12}
-
-
-def budget_from_gpu_hours(gpu_hours: float, *, gpu: str, mfu: float) -> float:
-    """Training FLOPs bought by `gpu_hours` of `gpu` at model-FLOPs utilization `mfu`."""
-    if gpu not in PEAK_BF16_FLOPS:
-        raise ConfigError("plan.gpu", gpu, f"choose one of {', '.join(PEAK_BF16_FLOPS)}")
-    if not 0 < mfu <= 1:
-        raise ConfigError(
-            "plan.mfu", mfu, "a fraction in (0, 1]; 0.35-0.5 is typical for dense bf16 training"
-        )
-    if not gpu_hours > 0:
-        raise ConfigError("plan.gpu_hours", gpu_hours, "must be > 0")
-    return gpu_hours * 3600 * PEAK_BF16_FLOPS[gpu] * mfu
+# Budgets from GPU-hours live with the device table (hardware.py); re-exported here for callers of the first API.
+PEAK_BF16_FLOPS = {name: dev.peak["bf16"] for name, dev in DEVICES.items() if name != "cpu"}

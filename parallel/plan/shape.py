@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from models.llama import LlamaArch, llama_ffn_size
-from parallel.plan.flops import param_count
+from parallel.plan.flops import PlanArch, param_count
 from train.errors import ConfigError
 
 TOLERANCE = 0.02  # the shape's parameter count is within 2% of the target
@@ -27,6 +27,13 @@ def _shape(layers: int, hidden: int, *, kv_heads: int, ffn_multiplier: float, ff
     return LlamaArch(layers, hidden, heads, kv, ffn)
 
 
+def smallest_params(vocab_size: int) -> int:
+    """Parameters of the smallest shape (1 layer, width 64) at this vocabulary: the floor of any plan."""
+    return param_count(
+        _shape(1, 64, kv_heads=8, ffn_multiplier=1.3, ffn_multiple=256), vocab_size=vocab_size
+    ).total
+
+
 def llama_shape(
     n_params: float,
     *,
@@ -35,9 +42,10 @@ def llama_shape(
     kv_heads: int = 8,
     ffn_multiplier: float = 1.3,
     ffn_multiple: int = 256,
+    tolerance: float = TOLERANCE,
 ) -> LlamaArch:
-    """The shape whose total parameter count (embedding and LM head included) is within 2% of `n_params`,
-    closest to `aspect_ratio` among those."""
+    """The shape whose total parameter count (embedding and LM head included) is within `tolerance` (2%) of
+    `n_params`, closest to `aspect_ratio` among those."""
     smallest = param_count(
         _shape(1, 64, kv_heads=kv_heads, ffn_multiplier=ffn_multiplier, ffn_multiple=ffn_multiple),
         vocab_size=vocab_size,
@@ -78,7 +86,7 @@ def llama_shape(
             err = abs(count - n_params) / n_params
             # Within tolerance, prefer the full KV-head count, then the aspect ratio nearest the target.
             key = (
-                0.0 if err <= TOLERANCE else err,
+                0.0 if err <= tolerance else err,
                 float(arch.num_kv_heads != min(kv_heads, arch.num_attention_heads)),
                 abs(math.log(hidden / layers / aspect_ratio)),
             )
@@ -89,7 +97,40 @@ def llama_shape(
         raise ConfigError(
             "plan.n_params",
             f"{n_params:.3g}",
-            f"no Llama shape within {TOLERANCE:.0%} at aspect ratio {aspect_ratio:g} x/÷ 4; nearest is "
+            f"no Llama shape within {tolerance:.0%} at aspect ratio {aspect_ratio:g} x/÷ 4; nearest is "
             f"{param_count(best[3], vocab_size=vocab_size).total:.3g} ({best[3]})",
         )
     return best[3]
+
+
+def moe_shape(
+    n_active: float, *, vocab_size: int, num_experts: int, top_k: int, aspect_ratio: float = 128.0
+) -> PlanArch:
+    """A fine-grained MoE whose ACTIVE parameter count is within 2% of `n_active`: the dense shape for
+    `n_active`, its MLP split into experts of width ffn / top_k (so top_k of them cost the dense MLP's FLOPs,
+    DeepSeekMoE's fine-grained segmentation, Dai et al. 2024, Sec. 3.1), `num_experts` of them per layer."""
+    if num_experts < 2 or not 1 <= top_k < num_experts:
+        raise ConfigError(
+            "plan.num_experts",
+            num_experts,
+            f"an MoE needs >= 2 experts and 1 <= top_k < experts (top_k={top_k})",
+        )
+    dense = llama_shape(n_active, vocab_size=vocab_size, aspect_ratio=aspect_ratio)
+
+    def build(width: int) -> PlanArch:
+        return PlanArch(
+            dense.num_layers,
+            dense.hidden_size,
+            dense.num_attention_heads,
+            dense.num_kv_heads,
+            dense.ffn_hidden_size,
+            head_dim=dense.head_dim,
+            num_experts=num_experts,
+            top_k=top_k,
+            moe_ffn_hidden_size=width,
+        )
+
+    # Expert widths a multiple of 64 just below and above ffn / top_k: keep the one nearer the target.
+    lo = max(64, 64 * int(dense.ffn_hidden_size / top_k // 64))
+    shapes = [build(lo), build(lo + 64)]
+    return min(shapes, key=lambda a: abs(param_count(a, vocab_size=vocab_size).active - n_active))

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from data.blend import micro_batches, step_indices, train_dataset, valid_datasets
+from data.config import DataConfig, SourceConfig, TokenizerConfig
 from data.dedup import ExactDedup
 from data.normalize import normalize
 from data.prepare import held_out_documents, prepare_data
 from data.sources import ReadStats, metadata_description, read_source
 from data.tokenizer import load_tokenizer
-from train.config import DataConfig, SourceConfig, TokenizerConfig
 from train.errors import ConfigError
 
 

@@ -1,17 +1,23 @@
-"""ParallelLayout: inference of dp and errors that name the constraint and the nearest valid values."""
+"""ParallelLayout: inference of dp, and one test per rule: the error names the constraint, the values and the
+nearest layouts that work."""
 
 from __future__ import annotations
 
 import pytest
 
+from parallel import layout as layout_mod
 from parallel.layout import ParallelLayout
 from train.errors import ConfigError
 
 
-def test_dp_is_inferred():
-    layout = ParallelLayout(nproc_per_node=4, tp=2)
-    assert layout.world_size == 4 and layout.dp_size == 2
-    assert layout.grad_accum(16) == 16 // (2 * layout.micro_batch)
+def test_sizes_are_inferred():
+    layout = ParallelLayout(nproc_per_node=8, tp=2, pp=2, ep=2)
+    assert layout.world_size == 8 and layout.dp_size == 2 and layout.expert_dp_size == 2
+    assert layout.accum_steps(16) == 16 // (2 * layout.micro_batch)
+    assert ParallelLayout(nproc_per_node=4, cp=1, tp=2, dp=2).dp_size == 2
+    assert ParallelLayout(nproc_per_node=2).distributed_optimizer
+    assert not ParallelLayout(nproc_per_node=2, zero_stage=0).distributed_optimizer
+    assert not ParallelLayout(nproc_per_node=2, engine="deepspeed", zero_stage=1).distributed_optimizer
 
 
 @pytest.mark.parametrize(
@@ -19,16 +25,53 @@ def test_dp_is_inferred():
     [
         (
             {"nproc_per_node": 4, "tp": 3},
-            "parallel.tp=3: tp*pp=3 must divide the world size 4; try tp=2 or tp=4",
+            "parallel.tp=3: tp*cp*pp=3*1*1=3 does not divide the world size 4; try tp=2 or tp=4",
+        ),
+        (
+            {"nproc_per_node": 8, "tp": 4, "pp": 4},
+            "parallel.tp=4: tp*cp*pp=4*1*4=16 does not divide the world size 8; try tp=2 or pp=2",
         ),
         (
             {"nproc_per_node": 4, "tp": 2, "dp": 4},
-            "parallel.dp=4: dp*tp*pp must equal the world size 4; use dp=2",
+            "parallel.dp=4: dp*tp*cp*pp must equal the world size 4; use dp=2 or dp=-1",
+        ),
+        (
+            {"nproc_per_node": 4, "ep": 3},
+            "parallel.ep=3: ep*etp*pp=3*1*1=3 does not divide the world size 4; try ep=2 or ep=4",
         ),
         ({"sp": True}, "parallel.sp=True: sequence parallelism needs parallel.tp > 1"),
-        ({"engine": "fsdp"}, "parallel.engine='fsdp': choose one of megatron"),
+        ({"vpp": 2}, "parallel.vpp=2: virtual pipeline stages need parallel.pp > 1"),
+        ({"engine": "fsdp"}, "parallel.engine='fsdp': choose one of megatron, deepspeed"),
+        ({"recompute": "some"}, "parallel.recompute='some': choose one of none, selective, full"),
+        ({"offload": "nvme"}, "parallel.offload='nvme': choose one of none, optimizer, optimizer+param"),
+        ({"zero_stage": 4}, "parallel.zero_stage=4: choose 0, 1, 2 or 3"),
         ({"micro_batch": 0}, "parallel.micro_batch=0: must be >= 1"),
-        ({"pp": 2}, "parallel.pp=2: pipeline parallelism is not wired"),
+        ({"grad_accum": 0}, "parallel.grad_accum=0: use a positive size, or -1"),
+        (
+            {"zero_stage": 3},
+            "parallel.zero_stage=3: the megatron engine shards optimizer state only (zero_stage=1",
+        ),
+        ({"offload": "optimizer"}, "parallel.offload='optimizer': CPU offload is a deepspeed feature"),
+        (
+            {"engine": "deepspeed", "nproc_per_node": 4, "pp": 2},
+            "parallel.pp=2: engine=deepspeed runs data parallel only in Kiln: DeepSpeed's pipeline engine",
+        ),
+        (
+            {"engine": "deepspeed", "nproc_per_node": 4, "ep": 2},
+            "parallel.ep=2: engine=deepspeed runs data parallel only in Kiln",
+        ),
+        (
+            {"engine": "deepspeed", "nproc_per_node": 2, "tp": 2},
+            "parallel.tp=2: engine=deepspeed runs data parallel only in Kiln",
+        ),
+        (
+            {"engine": "deepspeed", "zero_stage": 2, "offload": "optimizer+param"},
+            "parallel.offload='optimizer+param': parameter offload needs zero_stage=3 (got 2)",
+        ),
+        (
+            {"engine": "deepspeed", "zero_stage": 0, "offload": "optimizer"},
+            "parallel.offload='optimizer': optimizer offload needs zero_stage >= 1",
+        ),
     ],
 )
 def test_invalid_layouts(kwargs, message):
@@ -37,11 +80,90 @@ def test_invalid_layouts(kwargs, message):
     assert str(err.value).startswith(message)
 
 
-def test_model_and_batch_checks():
-    layout = ParallelLayout(nproc_per_node=4, tp=4)
-    with pytest.raises(ConfigError, match=r"tp must divide 8 heads and 2 kv heads; try tp=2"):
-        layout.check_model(heads=8, kv_heads=2)
+def test_deepspeed_layouts_that_work():
+    for stage in (0, 1, 2, 3):
+        ParallelLayout(engine="deepspeed", zero_stage=stage)
+    ParallelLayout(engine="deepspeed", zero_stage=3, offload="optimizer+param")
+    ParallelLayout(engine="deepspeed", zero_stage=2, offload="optimizer")
+
+
+def test_context_parallel_needs_transformer_engine(monkeypatch):
+    monkeypatch.setattr(layout_mod, "have_transformer_engine", lambda: False)
+    with pytest.raises(ConfigError, match=r"parallel.cp=2: context parallelism .* needs TransformerEngine"):
+        ParallelLayout(nproc_per_node=2, cp=2)
+    monkeypatch.setattr(layout_mod, "have_transformer_engine", lambda: True)
+    assert ParallelLayout(nproc_per_node=4, cp=2).dp_size == 2
+
+
+def test_tensor_parallel_must_divide_heads_and_kv_heads():
+    ParallelLayout(nproc_per_node=8, tp=2).check_model(heads=32, kv_heads=8)
+    with pytest.raises(ConfigError) as err:
+        ParallelLayout(nproc_per_node=6, tp=3).check_model(heads=32, kv_heads=8)
+    assert str(err.value) == (
+        "parallel.tp=3: tp=3 does not divide 8 kv heads (32 heads, 8 kv heads); try tp=2"
+    )
+    with pytest.raises(ConfigError, match=r"tp=4 does not divide 2 kv heads .*; try tp=2"):
+        ParallelLayout(nproc_per_node=4, tp=4).check_model(heads=8, kv_heads=2)
+    with pytest.raises(ConfigError, match=r"tp=3 does not divide 8 kv heads .*; try tp=2 or tp=4"):
+        ParallelLayout(nproc_per_node=12, tp=3).check_model(heads=24, kv_heads=8)
+
+
+def test_pipeline_stages_must_divide_layers():
+    ParallelLayout(nproc_per_node=4, pp=2, vpp=2).check_model(heads=8, kv_heads=2, layers=4)
+    with pytest.raises(ConfigError) as err:
+        ParallelLayout(nproc_per_node=4, pp=4).check_model(heads=8, kv_heads=2, layers=6)
+    assert str(err.value) == "parallel.pp=4: pp*vpp=4*1=4 model chunks do not divide 6 layers; try pp=2"
+    with pytest.raises(
+        ConfigError, match=r"pp\*vpp=2\*4=8 model chunks do not divide 4 layers; .*vpp in \[1, 2\]"
+    ):
+        ParallelLayout(nproc_per_node=2, pp=2, vpp=4).check_model(heads=8, kv_heads=2, layers=4)
+
+
+def test_expert_parallel_needs_experts_it_divides():
+    ParallelLayout(nproc_per_node=4, ep=4).check_model(heads=8, kv_heads=2, experts=8)
+    with pytest.raises(ConfigError, match=r"parallel.ep=2: expert parallelism needs a mixture-of-experts"):
+        ParallelLayout(nproc_per_node=2, ep=2).check_model(heads=8, kv_heads=2, experts=0)
+    with pytest.raises(ConfigError) as err:
+        ParallelLayout(nproc_per_node=4, ep=4).check_model(heads=8, kv_heads=2, experts=6)
+    assert str(err.value) == "parallel.ep=4: ep=4 does not divide 6 experts; try ep=2"
+    with pytest.raises(ConfigError, match=r"parallel.sp=False: megatron-core MoE layers with tp > 1 need"):
+        ParallelLayout(nproc_per_node=4, tp=2, ep=2).check_model(heads=8, kv_heads=2, experts=4)
+
+
+def test_global_batch_splits_into_micro_batches():
     layout = ParallelLayout(nproc_per_node=2, micro_batch=4)
     layout.check_batch(key="k", sequences=16)
     with pytest.raises(ConfigError, match=r"k=12: .* multiple of dp\*micro_batch = 2\*4 = 8; try 8 or 16"):
         layout.check_batch(key="k", sequences=12)
+    fixed = ParallelLayout(nproc_per_node=2, micro_batch=2, grad_accum=2)
+    fixed.check_batch(key="k", sequences=8)
+    with pytest.raises(ConfigError) as err:
+        fixed.check_batch(key="stages.base.batch_tokens", sequences=16)
+    assert str(err.value) == (
+        "parallel.grad_accum=2: stages.base.batch_tokens: a global batch of 16 sequences = "
+        "dp*micro_batch*grad_accum = 2*2*grad_accum needs grad_accum=4; set grad_accum=4 or -1 (infer)"
+    )
+
+
+def test_interleaved_pipeline_needs_micro_batches_in_multiples_of_pp():
+    layout = ParallelLayout(nproc_per_node=2, pp=2, vpp=2, micro_batch=1)
+    layout.check_batch(key="k", sequences=4)
+    with pytest.raises(
+        ConfigError, match=r"k=3: the interleaved pipeline .* \(3\) .* of pp=2; try 4 sequences"
+    ):
+        layout.check_batch(key="k", sequences=3)
+
+
+def test_sequence_and_context_parallel_split_the_sequence(monkeypatch):
+    sp = ParallelLayout(nproc_per_node=4, tp=4, sp=True, micro_batch=1)
+    sp.check_batch(key="stages.base.batch_tokens", sequences=4, seq_length=256)
+    with pytest.raises(ConfigError) as err:
+        sp.check_batch(key="stages.base.batch_tokens", sequences=4, seq_length=258)
+    assert str(err.value) == (
+        "stages.base.seq_length=258: the sequence length must be a multiple of tp (sequence parallel) = 4; "
+        "try 256"
+    )
+    monkeypatch.setattr(layout_mod, "have_transformer_engine", lambda: True)
+    cp = ParallelLayout(nproc_per_node=4, tp=2, sp=True, cp=2, micro_batch=1)
+    with pytest.raises(ConfigError, match=r"multiple of tp\*2\*cp .* = 8; try 96"):
+        cp.check_batch(key="k.batch", sequences=1, seq_length=100)

@@ -89,7 +89,9 @@ def test_fit_power_law_recovers_constants():
 
 def test_budget_from_gpu_hours_and_bad_inputs():
     assert budget_from_gpu_hours(1e6, gpu="h100_sxm", mfu=0.4) == pytest.approx(1e6 * 3600 * 989.4e12 * 0.4)
-    with pytest.raises(ConfigError, match="plan.gpu='v100': choose one of h100_sxm, h200, a100"):
+    with pytest.raises(
+        ConfigError, match="cluster.gpu='v100': choose one of h100_sxm, h100_pcie, h200, a100"
+    ):
         budget_from_gpu_hours(1e6, gpu="v100", mfu=0.4)
     with pytest.raises(ConfigError, match="plan.mfu=40"):
         budget_from_gpu_hours(1e6, gpu="h100_sxm", mfu=40)

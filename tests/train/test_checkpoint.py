@@ -95,33 +95,42 @@ def test_bad_retention_is_a_config_error(key, value):
         CheckpointConfig(**{key: value})
 
 
-def test_megatron_save_is_complete_and_loads_back_exactly(megatron_world1, tmp_path):
-    from models.llama import build_model, resolve_arch
+def build_parts(arch, *, lr: float = 1e-2):
+    """A world-of-one megatron model, optimizer and schedule, as the loop builds them."""
+    from models.llama import build_model
     from parallel import engine
     from parallel.layout import ParallelLayout
     from train.schedule import build_scheduler
 
     layout = ParallelLayout(nproc_per_node=1, micro_batch=2)
-    arch = resolve_arch("llama3", "tiny", num_layers=1, hidden_size=64, num_attention_heads=4, num_kv_heads=2)
+    ddp = engine.wrap_ddp(build_model(arch, vocab_size=256, max_seq_length=16), layout)
+    engine.configure_schedule_hooks(ddp)
+    opt = engine.build_optimizer(
+        ddp,
+        layout=layout,
+        lr=lr,
+        min_lr=0.0,
+        weight_decay=0.0,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        clip_grad=1.0,
+        bf16=False,
+    )
+    sched = build_scheduler(opt, peak_lr=lr, min_lr=0.0, tokens=1000, warmup_tokens=0, schedule="cosine")
+    return ddp, opt, sched
+
+
+def tiny_arch():
+    from models.llama import resolve_arch
+
+    return resolve_arch("llama3", "tiny", num_layers=1, hidden_size=64, num_attention_heads=4, num_kv_heads=2)
+
+
+def test_megatron_save_is_complete_and_loads_back_exactly(megatron_world1, tmp_path):
+    arch = tiny_arch()
 
     def build():
-        ddp = engine.wrap_ddp(build_model(arch, vocab_size=256, max_seq_length=16), layout)
-        engine.configure_schedule_hooks(ddp)
-        opt = engine.build_optimizer(
-            ddp,
-            layout=layout,
-            lr=1e-2,
-            min_lr=0.0,
-            weight_decay=0.0,
-            betas=(0.9, 0.95),
-            eps=1e-8,
-            clip_grad=1.0,
-            bf16=False,
-        )
-        sched = build_scheduler(
-            opt, peak_lr=1e-2, min_lr=0.0, tokens=1000, warmup_tokens=0, schedule="cosine"
-        )
-        return ddp, opt, sched
+        return build_parts(arch)
 
     tokens = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
 
@@ -174,3 +183,78 @@ def test_megatron_save_is_complete_and_loads_back_exactly(megatron_world1, tmp_p
     os.truncate(shard, os.path.getsize(shard) // 2)
     with pytest.raises(RuntimeError, match="refusing to load a broken checkpoint: .*truncated"):
         checkpoint.load(path, model=ddp2.module)
+
+
+def test_average_of_checkpoints_is_the_elementwise_mean(megatron_world1, tmp_path):
+    from train.average import average_into, last_checkpoints
+
+    directory = str(tmp_path / "ckpt")
+    os.makedirs(directory)
+    ddp, opt, sched = build_parts(tiny_arch())
+    for inner in opt.chained_optimizers:  # a saved optimizer has stepped at least once
+        inner._init_optimizer_states_with_dummy_values()
+    saved = []
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            for p in ddp.module.parameters():
+                p.normal_()
+        saved.append(
+            {k: v.clone() for k, v in ddp.module.state_dict().items() if isinstance(v, torch.Tensor)}
+        )
+        checkpoint.save(
+            directory, model=ddp.module, optimizer=opt, scheduler=sched, state={"step": step, "tokens": step}
+        )
+    paths = last_checkpoints(directory, 2)
+    assert [checkpoint.read_state(p)["step"] for p in paths] == [2, 3]
+    average_into(ddp.module, paths)
+    for name, value in ddp.module.state_dict().items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            torch.testing.assert_close(value, (saved[1][name] + saved[2][name]) / 2, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="needs 4 complete checkpoints in .* found 3"):
+        last_checkpoints(directory, 4)
+
+
+def _saved_with(tmp_path, overrides: list[str], stage: str = "base") -> str:
+    from tests.train.test_config import compose_cfg
+    from train.config import to_config
+
+    path = tmp_path / "step_000010"
+    path.mkdir()
+    record = checkpoint.resume_record(to_config(compose_cfg(overrides)), stage)
+    (path / checkpoint.CONFIG_FILE).write_text(json.dumps(record))
+    return str(path)
+
+
+def _current(overrides: list[str], stage: str = "base") -> dict:
+    from tests.train.test_config import compose_cfg
+    from train.config import to_config
+
+    return checkpoint.resume_record(to_config(compose_cfg(overrides)), stage)
+
+
+def test_resume_refuses_a_changed_lr_unless_allowed(tmp_path, caplog):
+    from train.errors import ConfigError
+
+    path = _saved_with(tmp_path, [])
+    checkpoint.check_resume(path, _current(["parallel.micro_batch=1", "logging.log_every_steps=3"]), allow=[])
+    changed = _current(["recipe.stages.base.lr=0.001"])
+    with pytest.raises(ConfigError) as err:
+        checkpoint.check_resume(path, changed, allow=[])
+    msg = str(err.value)
+    assert "recipe.stages.base.lr: 0.003 -> 0.001" in msg
+    assert "resume.allow_config_change=[recipe.stages.base.lr]" in msg
+    with caplog.at_level("WARNING"):
+        checkpoint.check_resume(path, changed, allow=["recipe.stages.base"])
+    assert "recipe.stages.base.lr changed 0.003 -> 0.001 (allowed)" in caplog.text
+    # Another stage's settings do not concern this stage's checkpoint.
+    checkpoint.check_resume(path, _current(["recipe.stages.anneal.tokens=131072"]), allow=[])
+
+
+def test_resume_refuses_another_architecture_even_when_allowed(tmp_path):
+    from train.errors import ConfigError
+
+    path = _saved_with(tmp_path, [])
+    with pytest.raises(ConfigError, match="another architecture \\(arch.num_layers: 4 -> 3\\)"):
+        checkpoint.check_resume(path, _current(["model.num_layers=3"]), allow=["arch"])
+    with pytest.raises(ConfigError, match="data.tokenizer.vocab_size: 4096 -> 2048"):
+        checkpoint.check_resume(path, _current(["data.tokenizer.vocab_size=2048"]), allow=["data"])

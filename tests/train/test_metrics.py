@@ -209,6 +209,7 @@ def test_report_renders_every_png_of_the_run(run1):
     assert html.count("<img ") == 6 and "<td>base</td>" in html
 
 
+@pytest.mark.slow  # a second run
 def test_resumed_run_continues_the_series_without_duplicates(run1, tmp_path, data_cache):
     """Cut the run back to base's step-6 checkpoint, as a requeued job would find it, and run again: the
     JSONL, wandb and TensorBoard continue from step 6 with identical losses and no duplicated steps."""

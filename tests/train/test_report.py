@@ -4,14 +4,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT
 from train.plots import data_mix, planner_vs_measured
 from train.report import main, stage_summary, write_run_report
 
@@ -129,12 +126,5 @@ def test_cli_names_a_directory_without_metrics(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert f"{tmp_path} has no metrics.jsonl" in capsys.readouterr().err
     synthetic_run(tmp_path / "run")
-    proc = subprocess.run(
-        [sys.executable, "-m", "train.report", str(tmp_path / "run")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == str(tmp_path / "run" / "report" / "index.md")
+    assert main([str(tmp_path / "run")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "run" / "report" / "index.md")

@@ -1,0 +1,209 @@
+"""The megatron-core engine: the model cut into pipeline stages (and virtual stages), each chunk in megatron-core
+DDP (bucketed gradient reduce overlapped with backward; the distributed optimizer = ZeRO-1 at zero_stage=1),
+AdamW through megatron-core's optimizer, and micro-batches driven by `get_forward_backward_func` (no pipeline,
+1F1B, or interleaved 1F1B with virtual stages). TP/SP and EP/ETP come from the process groups
+(parallel/engine.py) and the model's TransformerConfig; recompute is a TransformerConfig setting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from parallel import engine as groups
+from parallel.engines import OptimSettings, token_loss
+from parallel.layout import ParallelLayout
+from train.checkpoint import MegatronState
+from train.metrics import loss_pairs, reduce_breakdown
+
+log = logging.getLogger(__name__)
+
+
+def config_overrides(layout: ParallelLayout, config, *, device: torch.device) -> dict:
+    """TransformerConfig fields the layout sets on top of the model's own config."""
+    out: dict = {}
+    if layout.pp > 1:
+        out.update(pipeline_model_parallel_size=layout.pp, pipeline_dtype=config.params_dtype)
+    if layout.vpp > 1:
+        # Derived from pp in __post_init__ when unset; the model's own config (pp = 1) already set it to 1.
+        out.update(
+            virtual_pipeline_model_parallel_size=layout.vpp, microbatch_group_size_per_vp_stage=layout.pp
+        )
+    if device.type == "cpu":
+        # Batched p2p on gloo gives wrong numbers under the interleaved schedule (ENGINES-CPU.md, wrong case 1).
+        out["batch_p2p_comm"] = False
+    if layout.cp > 1:
+        out["context_parallel_size"] = layout.cp
+    if getattr(config, "num_moe_experts", None):
+        out.update(expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.etp)
+    if layout.recompute == "selective":
+        # Recompute core attention only: the activations that grow with seq^2 (Korthikanti et al. 2022, sec. 5).
+        out["recompute_granularity"] = "selective"
+    elif layout.recompute == "full":
+        out.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return out
+
+
+@contextlib.contextmanager
+def model_stage(*, pre_process: bool, post_process: bool, vp_stage: int | None, overrides: Callable):
+    """While active, a GPTModel built by the model code (models/) is built as one pipeline stage: the stage
+    flags and virtual stage go to its constructor and `overrides(config)` onto its TransformerConfig. The seam
+    keeps model code free of distribution (CONVENTIONS 2) until the model factories take these arguments."""
+    import megatron.core.models.gpt as gpt
+
+    real = gpt.GPTModel
+
+    def stage_model(*args, config, **kwargs):
+        config = dataclasses.replace(config, **overrides(config))
+        kwargs.update(pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+        return real(*args, config=config, **kwargs)
+
+    gpt.GPTModel = stage_model
+    try:
+        yield
+    finally:
+        gpt.GPTModel = real
+
+
+def build_chunks(
+    layout: ParallelLayout, build_model: Callable[[], torch.nn.Module], *, device: torch.device
+) -> list[torch.nn.Module]:
+    """This rank's model chunks: one per virtual stage (one when vpp = 1)."""
+    from megatron.core import parallel_state as ps
+
+    chunks = []
+    for vp in range(layout.vpp):
+        vp_stage = vp if layout.vpp > 1 else None
+        with model_stage(
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            vp_stage=vp_stage,
+            overrides=lambda config: config_overrides(layout, config, device=device),
+        ):
+            chunk = build_model()
+        if chunk.config.pipeline_model_parallel_size != layout.pp:
+            raise RuntimeError(
+                "the model factory did not build a pipeline stage (it must construct "
+                "megatron.core.models.gpt.GPTModel at call time); pipeline parallelism cannot run"
+            )
+        chunks.append(chunk.to(device))
+    return chunks
+
+
+def _forward_step(data_iterator, model):
+    """megatron-core forward step: per-token losses summed over the loss mask; the schedule divides by the
+    token count (and the number of micro-batches), and the reported [sum, count] pair gives an exact token
+    mean. On a pipeline stage other than the first the tokens are ignored (the input is the previous stage's
+    activations); the loss function runs on the last stage only."""
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])  # (batch, seq)
+
+    def loss_func(losses: torch.Tensor):
+        loss, count = token_loss(losses, batch["loss_mask"])
+        count = count.to(torch.int)
+        report = {"lm loss": torch.stack([loss.detach().clone(), count.float()])}
+        return loss, count, report | loss_pairs(losses, batch)  # + per source / position (train/metrics.py)
+
+    return output, loss_func
+
+
+class MegatronEngine:
+    name = "megatron"
+
+    def __init__(
+        self,
+        layout: ParallelLayout,
+        *,
+        build_model: Callable[[], torch.nn.Module],
+        optim: OptimSettings,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.layout, self.device = layout, device
+        self.modules = build_chunks(layout, build_model, device=device)
+        wrapped = self.modules
+        if dtype != torch.float32:
+            from megatron.core.transformer.module import Float16Module
+
+            wrapped = [Float16Module(m.config, m) for m in self.modules]
+        self.ddp = [groups.wrap_ddp(m, layout, chunk=i) for i, m in enumerate(wrapped)]
+        groups.configure_schedule_hooks(self.ddp)
+        self.optimizer = groups.build_optimizer(
+            self.ddp,
+            layout=layout,
+            lr=optim.lr,
+            min_lr=optim.min_lr,
+            weight_decay=optim.weight_decay,
+            betas=optim.betas,
+            eps=optim.eps,
+            clip_grad=optim.clip_grad,
+            bf16=dtype == torch.bfloat16,
+        )
+        self._state = MegatronState(self.modules, self.optimizer)
+        self.loss_breakdown: dict[str, torch.Tensor] = {}
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def train(self) -> None:
+        for m in self.ddp:
+            m.train()
+
+    def eval(self) -> None:
+        for m in self.ddp:
+            m.eval()
+
+    def zero_grad(self) -> None:
+        for m in self.ddp:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def forward_backward(self, micro: list[dict], *, seq_length: int, forward_only: bool = False) -> float:
+        """Run the micro-batches of one step through the schedule; the token-mean loss over the global batch.
+        `loss_breakdown` keeps the loss per source and position bucket as [sum, count] (train/metrics.py)."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        micro = [{k: v.to(self.device, non_blocking=True) for k, v in mb.items()} for mb in micro]
+        # Every chunk reads the micro-batches in order (the interleaved schedule takes one iterator per chunk).
+        data = [iter(micro) for _ in self.ddp] if len(self.ddp) > 1 else iter(micro)
+        losses = get_forward_backward_func()(
+            forward_step_func=_forward_step,
+            data_iterator=data,
+            model=self.ddp,
+            num_microbatches=len(micro),
+            seq_length=seq_length,
+            micro_batch_size=self.layout.micro_batch,
+            forward_only=forward_only,
+        )
+        if self.layout.pp == 1 and self.layout.cp == 1:  # else rank 0 holds no losses / whole sequences
+            self.loss_breakdown = reduce_breakdown(losses, group=ps.get_data_parallel_group())
+        return self._global_mean([entry["lm loss"] for entry in losses])
+
+    def _global_mean(self, pairs: list[torch.Tensor]) -> float:
+        """Token-mean loss from [sum, count] pairs: summed over micro-batches, the data-parallel (and context-
+        parallel) ranks, and handed from the last pipeline stage (the only one with losses) to the others."""
+        from megatron.core import parallel_state as ps
+
+        total = torch.stack(pairs).sum(dim=0) if pairs else torch.zeros(2, device=self.device)
+        dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
+        if self.layout.pp > 1:
+            dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
+        return (total[0] / total[1]).item()
+
+    def step(self) -> float | None:
+        """One optimizer step (clips first); the gradient norm before clipping."""
+        _, grad_norm, _ = self.optimizer.step()
+        return float(grad_norm) if grad_norm is not None else None
+
+    def save_state(self, path: str, common: dict) -> None:
+        self._state.save_state(path, common)
+
+    def load_state(self, path: str, *, optimizer: bool) -> dict:
+        return self._state.load_state(path, optimizer=optimizer)
