@@ -125,3 +125,17 @@ def test_logging_config_refuses_bad_values(field, value, message):
     with pytest.raises(ConfigError) as err:
         LoggingConfig(**{field: value})
     assert message in str(err.value)
+
+
+def test_peak_flops_come_from_the_override_or_the_device_table():
+    import torch
+
+    from train.metrics import peak_flops_per_device
+
+    cpu, bf16, fp32 = torch.device("cpu"), torch.bfloat16, torch.float32
+    # H100 SXM: 989.4 TFLOP/s dense BF16 (parallel/plan/hardware.py, from NVIDIA's data sheet).
+    assert peak_flops_per_device(LoggingConfig(), gpu="h100_sxm", device=cpu, dtype=bf16) == 989.4e12
+    assert peak_flops_per_device(LoggingConfig(), gpu="a100", device=cpu, dtype=fp32) == 19.5e12
+    assert peak_flops_per_device(LoggingConfig(), gpu="cpu", device=cpu, dtype=fp32) == 0.1e12
+    assert peak_flops_per_device(LoggingConfig(peak_tflops=2.5), gpu="h200", device=cpu, dtype=bf16) == 2.5e12
+    assert peak_flops_per_device(LoggingConfig(), gpu="tpu_v5", device=cpu, dtype=bf16) is None
