@@ -272,15 +272,16 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
             "grad_norm": grad_norm,
             **metrics.source_losses(engine, sources),
         }
-        straggler = meter.straggler_check(result.step)
+        meter.straggler_check(result.step)  # every logging.straggler_every_steps (all ranks)
         is_eval = bool(eval_every) and result.step % eval_every == 0 and result.step != steps
         if is_eval:
             record.update(_valid_record(evaluate(run, engine, valid_ds, stage)))
         if is_log:
             consumed = metrics.consumed_sources(train_ds, samples=result.step * stage.batch_sequences)
-            record.update(
-                meter.interval(step=result.step, params=params, consumed_ids=consumed, extra=straggler)
+            extra = (
+                None  # more metrics to log as they are, e.g. MoE expert load (models.moe.expert_load_stats)
             )
+            record.update(meter.interval(step=result.step, params=params, consumed_ids=consumed, extra=extra))
         if is_log or is_eval:
             run.sinks.write(record)
         progress.update(

@@ -131,6 +131,7 @@ class StageMetrics:
         self._step_start = self._sync_at_start = 0.0
         self._before: list[torch.Tensor] | None = None
         self._ratio_ok = True
+        self._straggler: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------ timing
     def _reset_window(self) -> None:
@@ -197,13 +198,13 @@ class StageMetrics:
         return {"update_ratio": upd / norm if norm else float("nan"), "param_norm": norm}
 
     # ------------------------------------------------------------------------------ stragglers
-    def straggler_check(self, step: int) -> dict[str, float]:
+    def straggler_check(self, step: int) -> None:
         """Every `straggler_every_steps` steps (a collective: all ranks call it on the same steps), gather
         each rank's mean busy step time and warn about ranks slower than median x factor. The median is
         the lower middle value, so with two ranks the slow one is compared with the fast one."""
         every = self.cfg.straggler_every_steps
         if not every or step % every or self.world == 1:
-            return {}
+            return
         busy = self._straggler_busy / max(1, self._straggler_steps)
         self._straggler_busy, self._straggler_steps = 0.0, 0
         mine = torch.tensor([busy], dtype=torch.float64, device=self.device)
@@ -220,7 +221,7 @@ class StageMetrics:
                 ", ".join(f"rank {r} {times[r]:.3f} s" for r in slow),
             )
         slowest = max(range(self.world), key=times.__getitem__)
-        return {
+        self._straggler = {
             "straggler/ratio": times[slowest] / median if median else float("nan"),
             "straggler/slowest_rank": slowest,
         }
@@ -275,6 +276,8 @@ class StageMetrics:
         if tps:
             rec["eta/stage_s"] = (stage.steps - step) * step_time
             rec["eta/recipe_s"] = rec["eta/stage_s"] + self.later_tokens / tps
+        rec.update(self._straggler)  # the check since the last interval, if any
+        self._straggler = {}
         rec.update(extra or {})
         self._reset_window()
         return rec
