@@ -166,8 +166,16 @@ class StageMetrics:
                 continue
 
             def timed(*args, _inner=inner, **kwargs):
+                # On GPU the reduce runs on streams: synchronize around it, so the phase is the host's wait
+                # for the slowest rank's gradients, not the launch (the loss .item() syncs right after anyway).
+                cuda = self.device.type == "cuda"
+                if cuda:
+                    torch.cuda.synchronize(self.device)
                 with self.phase("grad_sync"):
-                    return _inner(*args, **kwargs)
+                    out = _inner(*args, **kwargs)
+                    if cuda:
+                        torch.cuda.synchronize(self.device)
+                return out
 
             config.finalize_model_grads_func = timed
 
@@ -189,7 +197,7 @@ class StageMetrics:
     def _update_ratio(self, params: list[torch.Tensor]) -> dict[str, float]:
         if self._before is None:
             return {}
-        delta = [p.detach() - b for p, b in zip(params, self._before, strict=True)]
+        delta = [p.detach().float() - b.float() for p, b in zip(params, self._before, strict=True)]
         for d, p in zip(delta, params, strict=True):  # carry the TP attributes onto the difference
             d.tensor_model_parallel = getattr(p, "tensor_model_parallel", False)
             d.partition_dim = getattr(p, "partition_dim", -1)
