@@ -30,10 +30,17 @@ def _chunks(texts: Iterable[str]) -> Iterator[str]:
 
 
 def train_tokenizer(
-    texts: Iterable[str], *, model_prefix: str, vocab_size: int, model_type: str, byte_fallback: bool
+    texts: Iterable[str],
+    *,
+    model_prefix: str,
+    vocab_size: int,
+    model_type: str,
+    byte_fallback: bool,
+    special_tokens: list[str] | tuple[str, ...] = (),
 ) -> str:
     """Train and write `<model_prefix>.model`; returns its path. Text is kept verbatim (identity
-    normalization, whitespace and newlines preserved) so code round-trips exactly."""
+    normalization, whitespace and newlines preserved) so code round-trips exactly. `special_tokens`
+    become user-defined pieces: always one token, never split, ids right after <unk> and <eod>."""
     spm.SentencePieceTrainer.train(
         sentence_iterator=_chunks(texts),
         model_prefix=model_prefix,
@@ -47,6 +54,7 @@ def train_tokenizer(
         pad_id=-1,  # no pad token: megatron-core pads with an id outside the vocabulary
         character_coverage=0.9995,
         split_digits=True,
+        user_defined_symbols=list(special_tokens),
         allow_whitespace_only_pieces=True,
         remove_extra_whitespaces=False,
         normalization_rule_name="identity",

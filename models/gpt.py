@@ -40,10 +40,10 @@ class KilnGPTModel(GPTModel):
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Per-token cross-entropy (batch, seq), + z_loss_coeff * logsumexp(logits)^2 (Chowdhery et al. 2022,
         sec. 5), the log-normalizer summed over the vocab shards of all tensor-parallel ranks."""
+        # Before the cross-entropy: megatron's vocab-parallel CE shifts the logits in place.
+        extra = self.arch.z_loss_coeff * z_loss(logits).transpose(0, 1) if self.arch.z_loss_coeff else None
         loss = super().compute_language_model_loss(labels, logits)
-        if self.arch.z_loss_coeff:
-            loss = loss + self.arch.z_loss_coeff * z_loss(logits).transpose(0, 1)
-        return loss
+        return loss if extra is None else loss + extra
 
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -82,9 +82,10 @@ def build_model(
     2023); it changes no weights, so a checkpoint loads either way. The vocabulary is padded for TP."""
     from megatron.core import parallel_state
 
-    from parallel.fixes import apply_megatron_fixes, fix_mla_kpos_grad
+    from parallel.fixes import apply_megatron_fixes, fix_mla_kpos_grad, fix_moe_mla_without_te
 
     apply_megatron_fixes()
+    fix_moe_mla_without_te()
     if arch.mla is not None:
         fix_mla_kpos_grad()
     if rope_scaling_factor != 1.0:
@@ -93,7 +94,7 @@ def build_model(
     config = transformer_config(arch, tp=tp, sp=sp, ep=ep, etp=etp, pp=pp, vpp=vpp, dtype=dtype)
     pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage) if pp > 1 else True
     post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage) if pp > 1 else True
-    return KilnGPTModel(
+    model = KilnGPTModel(
         arch=arch,
         config=config,
         transformer_layer_spec=block_spec(arch, config, vp_stage=vp_stage),
@@ -107,3 +108,8 @@ def build_model(
         share_embeddings_and_output_weights=arch.tie_embeddings,
         vp_stage=vp_stage,
     )
+    if arch.moe is not None:
+        from models.moe import track_expert_load
+
+        track_expert_load(model)
+    return model

@@ -150,7 +150,10 @@ def transformer_config(
 
 
 def _core_attention(arch: Arch, layer: int):
+    """megatron's SelfAttention calls its core_attention directly (a class or partial); MLASelfAttention goes
+    through build_module (a class or ModuleSpec)."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.spec_utils import ModuleSpec
 
     plain = (
         arch.attn_softcap is None
@@ -159,8 +162,10 @@ def _core_attention(arch: Arch, layer: int):
     )
     if plain:
         return DotProductAttention  # megatron-core's own (its config carries the all-layer window)
-    window = arch.sliding_window if arch.is_windowed(layer) else None
-    return functools.partial(CoreAttention, window=window, softcap=arch.attn_softcap)
+    params = dict(window=arch.sliding_window if arch.is_windowed(layer) else None, softcap=arch.attn_softcap)
+    if arch.mla is not None:
+        return ModuleSpec(module=CoreAttention, params=params)
+    return functools.partial(CoreAttention, **params)
 
 
 def _mlp_spec(arch: Arch, layer: int):

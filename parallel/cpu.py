@@ -95,7 +95,10 @@ def _cuda_factories() -> None:
 
 
 class _NoStream:
-    """Stands in for torch.cuda.Stream/Event: CPU ops are synchronous, so waiting is a no-op."""
+    """Stands in for torch.cuda.Stream/Event: CPU ops are synchronous, so waiting is a no-op. A class, not a
+    lambda, so annotations like `torch.cuda.Stream | None` (transformers) still evaluate."""
+
+    def __init__(self, *a, **k): ...
 
     def wait_stream(self, *a, **k): ...
     def wait_event(self, *a, **k): ...
@@ -113,8 +116,8 @@ def _cuda_streams() -> None:
     # torch.cuda.synchronize() in p2p and the checkpoint writer; streams/events in DDP and MoE dispatch.
     stream = _NoStream()
     torch.cuda.synchronize = lambda *a, **k: None
-    torch.cuda.Stream = lambda *a, **k: _NoStream()
-    torch.cuda.Event = lambda *a, **k: _NoStream()
+    torch.cuda.Stream = _NoStream
+    torch.cuda.Event = _NoStream
     torch.cuda.current_stream = lambda *a, **k: stream
     torch.cuda.stream = lambda s=None: contextlib.nullcontext()
 
@@ -155,6 +158,75 @@ def _sp_norm() -> None:
     torch_norm.WrappedTorchNorm.__new__ = __new__
 
 
+def _moe_te_names() -> None:
+    # megatron-core 0.16.1 binds te_general_gemm & fused_* only when TransformerEngine imports; the MoE router
+    # then tests `te_general_gemm is not None` -> NameError. Bind the missing names to None.
+    import megatron.core.transformer.moe.moe_utils as MU
+
+    for name in (
+        "te_general_gemm",
+        "fused_compute_score_for_moe_aux_loss",
+        "fused_moe_aux_loss",
+        "fused_permute",
+        "fused_permute_with_probs",
+        "fused_sort_chunks_by_index",
+        "fused_sort_chunks_by_index_with_probs",
+        "fused_topk_with_score_function",
+        "fused_unpermute",
+    ):
+        if not hasattr(MU, name):
+            setattr(MU, name, None)
+
+
+def _moe_splits() -> None:
+    # The alltoall dispatcher turns split sizes into numpy only for CUDA tensors; all_to_all_single refuses
+    # CPU tensors as split sizes. Convert CPU tensors too.
+    import megatron.core.transformer.moe.moe_utils as MU
+    import megatron.core.transformer.moe.token_dispatcher as TD
+
+    real = MU.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy() if as_numpy else tensor
+        return real(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    MU.maybe_move_tensor_to_cpu = TD.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+def _gloo_uneven() -> None:
+    # gloo's all_gather / reduce_scatter need equal sizes; expert-TP > 1 (all-gather-v, reduce-scatter-v in the
+    # alltoall dispatcher) passes uneven lists. Emulate those (pad + all_gather; all_reduce + slice); equal
+    # sizes go to gloo unchanged.
+    import torch.distributed as dist
+
+    all_gather, reduce_scatter = dist.all_gather, dist.reduce_scatter
+
+    def all_gather_v(tensor_list, tensor, group=None, async_op=False):
+        shapes = [t.shape for t in tensor_list]
+        if all(shape == tensor.shape for shape in shapes):
+            return all_gather(tensor_list, tensor, group=group, async_op=async_op)
+        rows = max(shape[0] for shape in shapes)
+        padded = tensor.new_zeros((rows, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        bufs = [torch.empty_like(padded) for _ in shapes]
+        all_gather(bufs, padded, group=group)
+        for out, buf, shape in zip(tensor_list, bufs, shapes):
+            out.copy_(buf[: shape[0]])
+
+    def reduce_scatter_v(output, input_list, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        if all(t.shape == input_list[0].shape for t in input_list):
+            return reduce_scatter(output, input_list, op=op, group=group, async_op=async_op)
+        flat = torch.cat([t.reshape(-1) for t in input_list])
+        dist.all_reduce(flat, op=op, group=group)
+        rank = dist.get_rank(group)
+        start = sum(t.numel() for t in input_list[:rank])
+        output.copy_(flat[start : start + input_list[rank].numel()].view_as(output))
+
+    all_gather_v.kiln_shim = reduce_scatter_v.kiln_shim = True
+    dist.all_gather, dist.reduce_scatter = all_gather_v, reduce_scatter_v
+
+
 SHIMS = {
     "rng": _rng,
     "current_device": _current_device,
@@ -162,6 +234,9 @@ SHIMS = {
     "cuda_streams": _cuda_streams,
     "type_strings": _type_strings,
     "sp_norm": _sp_norm,
+    "moe_te_names": _moe_te_names,
+    "moe_splits": _moe_splits,
+    "gloo_uneven": _gloo_uneven,
 }
 
 
@@ -180,6 +255,8 @@ def check() -> dict[str, bool]:
     """Whether each shim is in effect (after apply()), by probing the behaviour it fixes."""
     import megatron.core.optimizer.clip_grads as CG
     import megatron.core.tensor_parallel.random as R
+    import megatron.core.transformer.moe.moe_utils as MU
+    import torch.distributed as dist
     from megatron.core.transformer import torch_norm
 
     return {
@@ -192,4 +269,9 @@ def check() -> dict[str, bool]:
         else "torch.cuda.FloatTensor" not in CG.clip_grad_by_total_norm_fp32.__code__.co_consts,
         "sp_norm": "__new__" in vars(torch_norm.WrappedTorchNorm)
         and vars(torch_norm.WrappedTorchNorm)["__new__"].__module__ == __name__,
+        "moe_te_names": MU.te_general_gemm is None,
+        "moe_splits": type(MU.maybe_move_tensor_to_cpu(torch.tensor([1, 2]), as_numpy=True)).__name__
+        == "ndarray",
+        "gloo_uneven": getattr(dist.all_gather, "kiln_shim", False)
+        and getattr(dist.reduce_scatter, "kiln_shim", False),
     }

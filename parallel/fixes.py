@@ -63,16 +63,40 @@ def fix_mla_kpos_grad() -> None:
     from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
     MLA.copy_to_tensor_model_parallel_region = copy_to_tensor_model_parallel_region
+    # The source is dedented by one level (the method's class indentation) before matching.
     old = (
-        "            kv_compressed, k_pos_emb = torch.split(\n"
-        "                kv_combined, [self.config.kv_lora_rank, self.config.qk_pos_emb_head_dim], dim=-1\n"
-        "            )\n"
-        "            if self.config.sequence_parallel:\n"
+        "        kv_compressed, k_pos_emb = torch.split(\n"
+        "            kv_combined, [self.config.kv_lora_rank, self.config.qk_pos_emb_head_dim], dim=-1\n"
+        "        )\n"
+        "        if self.config.sequence_parallel:\n"
     )
     new = old.replace(
-        "            if self.config.sequence_parallel:\n",
-        "            k_pos_emb = copy_to_tensor_model_parallel_region(k_pos_emb)\n"
-        "            if self.config.sequence_parallel:\n",
+        "        if self.config.sequence_parallel:\n",
+        "        k_pos_emb = copy_to_tensor_model_parallel_region(k_pos_emb)\n"
+        "        if self.config.sequence_parallel:\n",
     )
     rewrite_source(MLA, "MLASelfAttention.get_query_key_value_tensors", [(old, new)])
     _mla_fixed = True
+
+
+def fix_moe_mla_without_te() -> list[str]:
+    """Without TransformerEngine (CPU, or a GPU build without it) megatron-core 0.16 breaks in two places
+    (ENGINES-CPU.md `moe_te_names`, `mla_no_te`): the MoE router reads `te_general_gemm`, defined only when TE
+    imports (NameError), and MLA's module believes TE exists (its TE names are MagicMock placeholders, so
+    `isinstance(x, TELinear)` raises TypeError). Returns the names fixed; none when TE is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        return []
+    import megatron.core.transformer.moe.moe_utils as MU
+    import megatron.core.transformer.multi_latent_attention as MLA
+
+    fixed = []
+    if "te_general_gemm" not in vars(MU):
+        MU.te_general_gemm = None
+        fixed.append("moe_te_names")
+    if MLA.HAVE_TE:
+        MLA.HAVE_TE = False
+        MLA.TEColumnParallelLinear = MLA.TELinear = MLA.Linear = MLA.set_save_original_input = None
+        fixed.append("mla_no_te")
+    return fixed

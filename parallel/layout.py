@@ -296,6 +296,30 @@ class ParallelLayout:
                     f"try {max(split, seq_length // split * split)}",
                 )
 
+    def model_state_bytes(
+        self, params: int, *, embedding_params: int = 0, mixed_precision: bool = False
+    ) -> dict[str, float]:
+        """Bytes on the fullest rank of parameters, gradients and Adam state for a model of `params` parameters,
+        as the layout shards them. Tensor parallelism splits everything tp ways (replicated norms ignored);
+        pipeline parallelism splits the layers pp ways, while the first stage also holds the input embedding and
+        the last the output layer (`embedding_params` each: vocab x hidden). ZeRO stage 1 shards the optimizer
+        state over dp, stage 2 also the gradients, stage 3 also the parameters (Rajbhandari et al. 2020, "ZeRO",
+        sec. 5.1 and Fig. 1). fp32 training: 4 bytes per parameter, 4 per gradient, 8 of Adam moments. Mixed
+        precision (bf16): 2 + 4 (megatron reduces grads in fp32; deepspeed: 2) + 12 (fp32 master copy and
+        moments, the paper's K = 12)."""
+        if self.pp > 1:
+            psi = (params - 2 * embedding_params) / (self.tp * self.pp) + embedding_params / self.tp
+        else:
+            psi = params / self.tp
+        dp = self.dp_size
+        param_b, opt_b = (2, 12) if mixed_precision else (4, 8)
+        grad_b = 2 if mixed_precision and self.engine == "deepspeed" else 4
+        return {
+            "params": psi * param_b / (dp if self.zero_stage >= 3 else 1),
+            "grads": psi * grad_b / (dp if self.zero_stage >= 2 else 1),
+            "optimizer": psi * opt_b / (dp if self.zero_stage >= 1 else 1),
+        }
+
     def accum_steps(self, sequences: int) -> int:
         """Micro-batches per step on each data-parallel rank for a global batch of `sequences`."""
         return sequences // (self.dp_size * self.micro_batch)

@@ -17,22 +17,24 @@ from train import checkpoint
 log = logging.getLogger(__name__)
 
 
-def average_into(model, paths: list[str], *, full_verify: bool = False) -> None:
-    """Set `model`'s weights to the element-wise mean of the checkpoints at `paths` (each loaded with
-    `checkpoint.load`, which refuses a broken one). Non-float entries (extra state) keep the last's value."""
+def average_into(engine, paths: list[str], *, full_verify: bool = False) -> None:
+    """Set the weights of `engine` (parallel/engines/, or a `checkpoint.MegatronState`) to the element-wise
+    mean of the checkpoints at `paths`, each loaded weights-only by `checkpoint.load` (which refuses a broken
+    one). Non-float entries (extra state) keep the last checkpoint's value."""
     if not paths:
         raise ValueError("average_into needs at least one checkpoint")
-    sums: dict[str, torch.Tensor] = {}
+    sums: list[dict[str, torch.Tensor]] = [{} for _ in engine.modules]
     for path in paths:
-        checkpoint.load(path, model=model, full_verify=full_verify)
-        for name, value in model.state_dict().items():
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
-                acc = sums.setdefault(name, torch.zeros_like(value, dtype=torch.float64))
-                acc += value.double()
-    state = model.state_dict()
-    for name, acc in sums.items():
-        state[name] = (acc / len(paths)).to(state[name].dtype)
-    model.load_state_dict(state)
+        checkpoint.load(path, engine=engine, load_optimizer=False, full_verify=full_verify)
+        for module, acc in zip(engine.modules, sums, strict=True):
+            for name, value in module.state_dict().items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    acc.setdefault(name, torch.zeros_like(value, dtype=torch.float64)).add_(value.double())
+    for module, acc in zip(engine.modules, sums, strict=True):
+        state = module.state_dict()
+        for name, total in acc.items():
+            state[name] = (total / len(paths)).to(state[name].dtype)
+        module.load_state_dict(state)
     log.info("averaged %d checkpoints: %s", len(paths), ", ".join(paths))
 
 

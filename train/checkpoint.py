@@ -153,6 +153,11 @@ def stage_dir(run_dir: str, stage: str) -> str:
     return os.path.join(run_dir, "checkpoints", stage)
 
 
+def averaged_dir(directory: str) -> str:
+    """Where a stage's averaged checkpoint goes (stage.average_last), beside its own step checkpoints."""
+    return os.path.join(directory, "averaged")
+
+
 def path_for(directory: str, step: int) -> str:
     return os.path.join(directory, f"step_{step:06d}")
 
@@ -299,11 +304,11 @@ class MegatronState:
     saved at one layout loads at another (TP, PP, virtual stages, DP). The engines' `save_state`/`load_state`
     (parallel/engines/) follow the same two-method protocol."""
 
-    def __init__(self, chunks: list, optimizer=None) -> None:
-        self.chunks, self.optimizer = chunks, optimizer
+    def __init__(self, modules: list, optimizer=None) -> None:
+        self.modules, self.optimizer = modules, optimizer
 
     def _model_sd(self) -> dict:
-        sds = [c.sharded_state_dict() for c in self.chunks]
+        sds = [c.sharded_state_dict() for c in self.modules]
         # Virtual-pipeline chunks hold local names that repeat ("decoder.layers.0"); the sharded tensors
         # inside carry the global names, so the nesting never reaches the files.
         return sds[0] if len(sds) == 1 else {f"chunk{i}": sd for i, sd in enumerate(sds)}
@@ -331,10 +336,10 @@ class MegatronState:
                 model_sd, is_loading=True, metadata=OPTIMIZER_FORMAT
             )
         loaded = dist_checkpointing.load(sharded, path)
-        if len(self.chunks) == 1:
-            self.chunks[0].load_state_dict(loaded["model"])
+        if len(self.modules) == 1:
+            self.modules[0].load_state_dict(loaded["model"])
         else:
-            for i, chunk in enumerate(self.chunks):
+            for i, chunk in enumerate(self.modules):
                 chunk.load_state_dict(loaded["model"][f"chunk{i}"])
         if "optimizer" in sharded:
             self.optimizer.load_state_dict(loaded["optimizer"])

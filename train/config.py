@@ -96,8 +96,13 @@ class StageConfig:
     """Where the weights start: null (random init), an earlier stage of the recipe, or a checkpoint directory."""
     keep_optimizer: bool = False
     """With init_from: also load the optimizer state (else it starts fresh)."""
-    rope_scaling_factor: float = 1.0
-    """Linear RoPE position interpolation (Chen et al. 2023): positions are divided by this factor."""
+    rope_theta: float | None = None
+    """RoPE base for this stage (null: the model's own). Raising it for a longer context is "ABF" (Xiong et
+    al. 2023); Llama 3 pre-trained at 500k."""
+    rope_scaling: dict[str, Any] = field(default_factory=dict)
+    """RoPE scaling for this stage, fields of models.arch.RopeScaling: {kind: linear|dynamic|yarn|llama3, factor,
+    original_context, ...}; empty keeps the model's own. A long-context stage sets it (and its later stages keep
+    it, since they continue that model)."""
     mix: dict[str, float] = field(default_factory=dict)
     """Sampling weight per data source name (normalized)."""
     eval_every_tokens: int = 0
@@ -106,6 +111,28 @@ class StageConfig:
     """Validation tokens per source."""
     save_every_tokens: int = 0
     """Checkpoint every this many tokens (0: only at the end of the stage)."""
+    average_last: int = 0
+    """After the stage, average the weights of its last this many checkpoints (the final one included) and
+    save the result under <stage>/averaged (0: no averaging); the stage keeps at least this many checkpoints
+    whatever checkpoint.keep_last says. Llama 3 does this at the end of annealing."""
+
+    def arch(self, model: Arch) -> Arch:
+        """The model architecture this stage trains: `model` with the stage's RoPE changes."""
+        import dataclasses
+
+        from models.arch import RopeScaling
+
+        changes: dict[str, Any] = {}
+        if self.rope_theta is not None:
+            changes["rope_theta"] = self.rope_theta
+        if self.rope_scaling:
+            scaling = dict(self.rope_scaling)
+            try:
+                changes["rope"] = RopeScaling(**scaling)
+            except TypeError as err:
+                known = ", ".join(f.name for f in dataclasses.fields(RopeScaling))
+                raise ConfigError("rope_scaling", scaling, f"{err}; its fields are {known}") from None
+        return dataclasses.replace(model, **changes) if changes else model
 
     def validate(self, name: str) -> None:
         key = f"recipe.stages.{name}"
@@ -148,8 +175,20 @@ class StageConfig:
             )
         if self.min_lr < 0 or (self.lr is not None and self.min_lr > self.lr):
             raise ConfigError(f"{key}.min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
-        if self.rope_scaling_factor < 1:
-            raise ConfigError(f"{key}.rope_scaling_factor", self.rope_scaling_factor, "must be >= 1")
+        if self.average_last:
+            every = self.save_every_tokens // self.batch_tokens if self.save_every_tokens else 0
+            saved = (self.steps - 1) // every + 1 if every else 1
+            if not 1 < self.average_last <= saved:
+                raise ConfigError(
+                    f"{key}.average_last",
+                    self.average_last,
+                    f"needs 2..{saved} (the checkpoints this stage saves: {self.steps} steps, one every "
+                    f"{every or self.steps}); save more often with save_every_tokens, or use 0",
+                )
+        if self.rope_theta is not None and self.rope_theta <= 0:
+            raise ConfigError(
+                f"{key}.rope_theta", self.rope_theta, "must be > 0, or null for the model's own"
+            )
         if not self.mix or any(w <= 0 for w in self.mix.values()):
             raise ConfigError(
                 f"{key}.mix", dict(self.mix), "give each source a weight > 0, e.g. {code: 0.7, docs: 0.3}"
@@ -170,6 +209,9 @@ class RecipeConfig:
     """Name of the recipe; the default run name."""
     stages: dict[str, StageConfig] = field(default_factory=dict)
     """Stages in the order they run (configs/stage/*.yaml, overridden by the recipe)."""
+    flops: float | None = None
+    """IsoFLOP sweeps: the training budget (FLOPs, C = 6ND) the stages' tokens are sized for
+    (configs/recipe/isoflop_sweep.yaml); recorded with the run's N, D and loss in scaling.json."""
 
 
 # -------------------------------------------------------------------------------------------- logging
@@ -359,6 +401,9 @@ class TrainConfig:
 
 def register() -> None:
     ConfigStore.instance().store(name="kiln_schema", node=TrainConfig)
+    from parallel.plan.sweep import register_resolvers  # ${isoflop_tokens:...} of the sweep recipe
+
+    register_resolvers()
 
 
 def to_config(cfg: DictConfig) -> TrainConfig:
@@ -367,6 +412,48 @@ def to_config(cfg: DictConfig) -> TrainConfig:
     assert isinstance(obj, TrainConfig)
     validate(obj)
     return obj
+
+
+def _check_rope(name: str, stage: StageConfig, stages: dict[str, StageConfig], model: Arch) -> None:
+    """The stage's RoPE changes make a valid architecture, and reach its context: plain RoPE does not
+    extrapolate past the context the init_from stage trained at (Press et al. 2022, Fig. 1; Chen et al. 2023,
+    Sec. 1), and linear interpolation reaches exactly that context x its factor."""
+    key = f"recipe.stages.{name}"
+    try:
+        arch = stage.arch(model)
+        arch.validate()
+    except ConfigError as err:
+        field_key = err.key.replace("model.rope.", "rope_scaling.").replace("model.rope_theta", "rope_theta")
+        if field_key.startswith("model."):
+            raise
+        raise ConfigError(f"{key}.{field_key}", err.value, err.fix) from None
+    parent = stages.get(stage.init_from) if stage.init_from else None
+    if parent is None or stage.seq_length <= parent.seq_length:
+        return
+    before = parent.arch(model)
+
+    def effective(rope):  # kind none ignores the other fields
+        return None if rope.kind == "none" else rope
+
+    if effective(arch.rope) == effective(before.rope) and arch.rope_theta == before.rope_theta:
+        raise ConfigError(
+            f"{key}.seq_length",
+            stage.seq_length,
+            f"longer than the {parent.seq_length} tokens {stage.init_from} trained at with the same RoPE, which "
+            "does not extrapolate; set rope_scaling (e.g. {kind: linear, factor: "
+            f"{stage.seq_length / parent.seq_length:g}}}) or a larger rope_theta for this stage",
+        )
+    if arch.rope.kind == "linear":
+        trained_factor = before.rope.factor if before.rope.kind == "linear" else 1.0
+        reach = parent.seq_length * arch.rope.factor / trained_factor
+        if stage.seq_length > reach:
+            raise ConfigError(
+                f"{key}.rope_scaling",
+                dict(stage.rope_scaling),
+                f"linear factor {arch.rope.factor:g} reaches {reach:g} tokens from {stage.init_from}'s "
+                f"{parent.seq_length}, short of seq_length={stage.seq_length}; use factor "
+                f"{stage.seq_length / parent.seq_length * trained_factor:g}",
+            )
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -403,6 +490,7 @@ def validate(cfg: TrainConfig) -> None:
                 stage.init_from,
                 f"name an earlier stage ({', '.join(seen) or 'none before this one'}) or an existing checkpoint directory",
             )
+        _check_rope(name, stage, stages, arch)
         if stage.lr is None and stage.init_from is None:
             raise ConfigError(
                 f"recipe.stages.{name}.lr",

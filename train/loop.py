@@ -3,6 +3,7 @@ an earlier stage, or its own latest checkpoint, and train for the stage's tokens
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from models.gpt import build_model
 from models.llama import padded_vocab_size
 from parallel.engines import OptimSettings, build_engine
 from train import checkpoint, metrics, signals
+from train.average import average_into, last_checkpoints
 from train.config import StageConfig, TrainConfig
 from train.logs import MetricSinks, Progress, set_stage, set_step
 from train.schedule import build_scheduler
@@ -36,6 +38,8 @@ class StageResult:
     """[first, last] logged training loss of the stage."""
     valid_start: dict[str, float] = field(default_factory=dict)
     valid_end: dict[str, float] = field(default_factory=dict)
+    valid_avg: dict[str, float] = field(default_factory=dict)
+    """Held-out loss of the averaged checkpoints (stage.average_last > 0), next to valid_end's last weights."""
     train_seconds: float = 0.0
     checkpoint: str = ""
 
@@ -53,9 +57,9 @@ class Run:
     sinks: MetricSinks
 
 
-def _valid_record(losses: dict[str, float], positions: dict | None = None) -> dict:
-    return {f"valid/{k}": v for k, v in losses.items()} | {
-        f"valid_by_position/{k}": v for k, v in (positions or {}).items()
+def _valid_record(losses: dict[str, float], prefix: str = "valid", positions: dict | None = None) -> dict:
+    return {f"{prefix}/{k}": v for k, v in losses.items()} | {
+        f"{prefix}_by_position/{k}": v for k, v in (positions or {}).items()
     }
 
 
@@ -99,9 +103,10 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
     set_stage(name)
     directory = checkpoint.stage_dir(cfg.run_dir, name)
     resume = checkpoint.latest(directory)
-    if resume is not None and checkpoint.read_state(resume)["final"]:
-        log.info("stage %s is complete (%s); skipping", name, resume)
-        return StageResult(**checkpoint.read_state(resume))
+    averaged = checkpoint.latest(checkpoint.averaged_dir(directory)) if stage.average_last else None
+    if resume is not None and checkpoint.read_state(resume)["final"] and (averaged or not stage.average_last):
+        log.info("stage %s is complete (%s); skipping", name, averaged or resume)
+        return StageResult(**checkpoint.read_state(averaged or resume))
     config_record = checkpoint.resume_record(cfg, name)
     if resume is not None:
         checkpoint.check_resume(resume, config_record, allow=cfg.resume.allow_config_change)
@@ -116,12 +121,11 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
     engine = build_engine(
         layout,
         build_model=lambda: build_model(
-            cfg.model.arch(),
+            stage.arch(cfg.model.arch()),
             vocab_size=run.vocab_size,
             max_seq_length=stage.seq_length,
             tp=layout.tp,
             sp=layout.sp,
-            rope_scaling_factor=stage.rope_scaling_factor,
             dtype=dtype,
         ),
         optim=OptimSettings(
@@ -140,7 +144,7 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
     meter = metrics.StageMetrics(
         logging_cfg=cfg.logging,
         stage=stage,
-        arch=cfg.model.arch(),
+        arch=stage.arch(cfg.model.arch()),
         padded_vocab=padded_vocab_size(run.vocab_size, layout.tp),
         device=run.device,
         sources=sources,
@@ -184,6 +188,11 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
             group.update(own)
         log.info("initialized %s from %s (peak LR %.3g)", name, init_path, peak_lr)
 
+    # Averaging reads the stage's last checkpoints: retention keeps at least that many.
+    retention = dataclasses.replace(
+        cfg.checkpoint, keep_last=max(cfg.checkpoint.keep_last, stage.average_last)
+    )
+
     def save() -> None:
         result.checkpoint = checkpoint.path_for(directory, result.step)
         checkpoint.save(
@@ -191,7 +200,7 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
             engine=engine,
             scheduler=scheduler,
             state=vars(result),
-            retention=cfg.checkpoint,
+            retention=retention,
             record=config_record,
         )
 
@@ -224,7 +233,7 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         positions = {}
         result.valid_start = evaluate(run, engine, valid_ds, stage, positions)
         run.sinks.write(
-            {"stage": name, "step": 0, "tokens": 0, **_valid_record(result.valid_start, positions)}
+            {"stage": name, "step": 0, "tokens": 0, **_valid_record(result.valid_start, positions=positions)}
         )
         log.info("%s validation loss at start: %s", name, _fmt(result.valid_start))
 
@@ -311,7 +320,7 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
             "stage": name,
             "step": result.step,
             "tokens": result.tokens,
-            **_valid_record(result.valid_end, positions),
+            **_valid_record(result.valid_end, positions=positions),
         }
     )
     log.info(
@@ -323,6 +332,24 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
     )
     result.final = True
     save()
+    if stage.average_last:
+        average_into(engine, last_checkpoints(directory, stage.average_last))
+        result.valid_avg = evaluate(run, engine, valid_ds, stage)
+        run.sinks.write(
+            {"stage": name, "step": result.step, **_valid_record(result.valid_avg, prefix="valid_avg")}
+        )
+        log.info(
+            "%s: average of the last %d checkpoints: %s", name, stage.average_last, _fmt(result.valid_avg)
+        )
+        result.checkpoint = checkpoint.path_for(checkpoint.averaged_dir(directory), result.step)
+        checkpoint.save(
+            checkpoint.averaged_dir(directory),
+            engine=engine,
+            scheduler=scheduler,
+            state=vars(result),
+            retention=retention,
+            record=config_record,
+        )
     return result
 
 

@@ -68,6 +68,8 @@ def plot_loss(records: list[dict], path: str) -> bool:
         ax.plot(*_series(records, key), lw=0.8, alpha=0.7, label=f"train {key[5:]}")
     for key in sorted({k for r in records for k in r if k.startswith("valid/")}):
         ax.plot(*_series(records, key), "o-", ms=3, lw=0.8, label=key)
+    for key in sorted({k for r in records for k in r if k.startswith("valid_avg/")}):  # checkpoint average
+        ax.plot(*_series(records, key), "*", ms=8, label=key)
     _boundaries(ax, records)
     ax.set_xlabel("global step")
     ax.set_ylabel("loss (nats/token)")

@@ -18,13 +18,15 @@ from train.config import TrainConfig
 def greedy_sample(cfg: TrainConfig, last, *, run, tokenizer) -> str:
     """Greedy continuation of `cfg.sample_prompt` by the final checkpoint (all ranks take part)."""
     stage = cfg.recipe.stages[last.stage]
+    if cfg.parallel.pp > 1 or cfg.parallel.engine != "megatron":
+        # The sample runs the whole model on every rank from a megatron-core checkpoint.
+        return f"(no sample: it needs engine=megatron and pp=1; this run has engine={cfg.parallel.engine}, pp={cfg.parallel.pp})"
     model = build_model(
-        cfg.model.arch(),
+        stage.arch(cfg.model.arch()),
         vocab_size=run.vocab_size,
         max_seq_length=stage.seq_length,
         tp=cfg.parallel.tp,
         sp=False,
-        rope_scaling_factor=stage.rope_scaling_factor,
     ).to(run.device)
     checkpoint.load(last.checkpoint, model=model)
     model.eval()
@@ -54,6 +56,7 @@ def format_report(cfg: TrainConfig, results: list, *, sample: str) -> str:
     for r in results:
         valid = [
             f"{r.valid_start.get(s, float('nan')):.3f} -> {r.valid_end.get(s, float('nan')):.3f}"
+            + (f" (averaged {r.valid_avg[s]:.3f})" if s in r.valid_avg else "")
             for s in sources
         ]
         first, last = (r.train_loss + [float("nan")] * 2)[:2]

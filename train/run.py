@@ -28,6 +28,8 @@ def init_checkpoint(cfg: TrainConfig, init_from: str | None) -> str | None:
     if init_from is None:
         return None
     directory = checkpoint.stage_dir(cfg.run_dir, init_from) if init_from in cfg.recipe.stages else init_from
+    if checkpoint.latest(checkpoint.averaged_dir(directory)) is not None:
+        directory = checkpoint.averaged_dir(directory)  # a stage that averaged its checkpoints hands that on
     path = (
         directory
         if os.path.exists(os.path.join(directory, checkpoint.STATE_FILE))
@@ -95,6 +97,10 @@ def _run(cfg: TrainConfig, device: torch.device) -> list[StageResult]:
         report = format_report(cfg, results, sample=sample)
         with open(os.path.join(cfg.run_dir, "report.md"), "w") as f:
             f.write(report + "\n")
+        # N, D, C and the final loss for scaling-law fits (python -m parallel.plan.fit).
+        from parallel.plan.sweep import write_record
+
+        write_record(cfg, results, vocab_size=padded_vocab_size(tokenizer.vocab_size, cfg.parallel.tp))
         print(report, flush=True)  # the job's product on stdout
         try:  # pictures must never fail a finished run
             log.info("run report: %s", write_run_report(cfg.run_dir))

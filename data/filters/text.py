@@ -59,9 +59,11 @@ def spacy_tokens(text: str):
 
 def split_words(text: str) -> list[str]:
     """datatrove's `split_into_words(text, "en")`: spaCy tokens, stripped, whitespace-only ones dropped."""
+    from spacy.attrs import IDX, LENGTH
+
     out = []
-    for t in spacy_tokens(text):
-        s = t.text.strip()
+    for start, length in spacy_tokens(text).to_array([IDX, LENGTH]).tolist():  # no Token objects
+        s = text[start : start + length].strip()
         if s:
             out.append(s)
     return out

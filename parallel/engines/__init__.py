@@ -6,6 +6,7 @@ An engine owns the model (its chunks, wrappers and optimizer) and offers:
   param_groups                        what the LR schedule (train/schedule.py) sets lr and weight decay on
   save_state(path, common); load_state(path, optimizer=) -> common     (train/checkpoint.py)
   modules                             the bare model chunks (for inspection and tests)
+  state_bytes() -> {"params", "grads", "optimizer"}   this rank's bytes of each (None where not measured)
 
 `build_engine` picks the adapter from `layout.engine`:
   megatron   megatron-core DDP (+ distributed optimizer), TP/SP, PP 1F1B and interleaved, EP/ETP, recompute
@@ -32,6 +33,17 @@ class OptimSettings:
     betas: tuple[float, float]
     eps: float
     clip_grad: float
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of a torch optimizer's per-parameter state tensors (Adam: exp_avg, exp_avg_sq; not the scalar step)."""
+    return tensor_bytes(
+        t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t) and t.dim() > 0
+    )
 
 
 def token_loss(losses: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

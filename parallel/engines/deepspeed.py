@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from parallel.engines import OptimSettings, token_loss
+from parallel.engines import OptimSettings, optimizer_state_bytes, tensor_bytes, token_loss
 from parallel.layout import ParallelLayout
 from train.metrics import loss_pairs, reduce_breakdown
 
@@ -147,6 +147,18 @@ class DeepSpeedEngine:
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else None
+
+    def state_bytes(self) -> dict[str, int | None]:
+        """This rank's parameters (ZeRO-3: its partition) and optimizer state (ZeRO >= 1: its partition; the
+        Adam moments of the torch optimizer DeepSpeed wraps). Gradients live in stage-specific buffers: not
+        measured."""
+        params = [getattr(p, "ds_tensor", p) for p in self.engine.module.parameters()]
+        torch_optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        return {
+            "params": tensor_bytes(params),
+            "grads": None,
+            "optimizer": optimizer_state_bytes(torch_optimizer),
+        }
 
     def save_state(self, path: str, common: dict) -> None:
         self.engine.save_checkpoint(path, tag=TAG, client_state={"kiln": common}, save_latest=False)

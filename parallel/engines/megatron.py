@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from parallel import engine as groups
-from parallel.engines import OptimSettings, token_loss
+from parallel.engines import OptimSettings, optimizer_state_bytes, tensor_bytes, token_loss
 from parallel.layout import ParallelLayout
 from train.checkpoint import MegatronState
 from train.metrics import loss_pairs, reduce_breakdown
@@ -201,6 +201,18 @@ class MegatronEngine:
         """One optimizer step (clips first); the gradient norm before clipping."""
         _, grad_norm, _ = self.optimizer.step()
         return float(grad_norm) if grad_norm is not None else None
+
+    def state_bytes(self) -> dict[str, int]:
+        """This rank's parameters, gradient buffers (fp32, full size: ZeRO-1 shards only the optimizer) and
+        optimizer state (sharded over dp by the distributed optimizer; allocated at the first step)."""
+        optimizers = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        return {
+            "params": tensor_bytes(p for m in self.modules for p in m.parameters()),
+            "grads": tensor_bytes(
+                b.grad_data for d in self.ddp for b in d.buffers + d.expert_parallel_buffers
+            ),
+            "optimizer": sum(optimizer_state_bytes(o.optimizer) for o in optimizers),
+        }
 
     def save_state(self, path: str, common: dict) -> None:
         self._state.save_state(path, common)

@@ -91,35 +91,55 @@ class Memory:
 
 
 def layer_activation_bytes(
-    arch: PlanArch, *, s: int, b: int, t: int, sp: bool, recompute: str, dropout: bool, flash: bool, moe: bool
+    arch: PlanArch,
+    *,
+    s: int,
+    b: int,
+    t: int,
+    sp: bool,
+    recompute: str,
+    dropout: bool,
+    flash: bool,
+    moe: bool,
+    act_bytes: int = 2,
+    kernels: str = "fused",
 ) -> float:
     """Bytes one layer keeps for the backward: Korthikanti et al. Sec. 4.1's items, generalized.
 
-    Per token, 2-byte activations and 1-byte dropout masks. Attention (11sbh for GPT): the QKV input 2h, Q 2(ad),
-    K and V 2(kd) each, the output projection's input 2(ad) and its dropout mask h; scores 5as (softmax output,
-    mask, dropout output; 2as without dropout; none with a fused/flash kernel). MLP (19sbh for GPT with 4h
-    GELU): input 2h, activation input 2f (SwiGLU: gate and up, 4f), the second GEMM's input 2f, mask h. Two
-    norm inputs 2h each (4sbh). Replicated across TP without SP: norm inputs, QKV and MLP inputs and the two
-    masks (10sbh); everything else is split over t.
+    Per token, e = `act_bytes` per activation (2 in the paper) and 1-byte dropout masks. Attention (11sbh for
+    GPT): the QKV input eh, Q e(ad), K and V e(kd) each, the output projection's input e(ad) and its dropout mask
+    h; scores 5as (softmax output, mask, dropout output; e as without dropout; none with a fused/flash kernel).
+    MLP (19sbh for GPT with 4h GELU): input eh, activation input ef (SwiGLU: gate and up, 2ef), the second GEMM's
+    input ef, mask h. Two norm inputs eh each (4sbh). Replicated across TP without SP: norm inputs, QKV and MLP
+    inputs and the two masks (10sbh); everything else is split over t.
+    `kernels="local"`: megatron-core's local layer spec without fused kernels (the CPU path), measured with
+    saved-tensor hooks: each RMSNorm also keeps its normalized output and 1/rms, attention keeps K and V expanded
+    to all heads, and SwiGLU keeps silu(gate) and a copy besides gate and up (4ef).
     """
+    e, h, mask = act_bytes, arch.hidden_size, (1 if dropout else 0)
+    local = kernels == "local"
     if recompute == "full":
-        return 2 * s * b * arch.hidden_size / (t if sp else 1)
-    h, mask = arch.hidden_size, (1 if dropout else 0)
+        return s * b * e * h / (t if sp else 1)
     qk, v = arch.score_dims
     if arch.is_mla:  # Q, K (width qk), V and the output projection's input (width v), the compressed latents
-        attn_split = 2 * qk + 2 * qk + 2 * v + 2 * v + 2 * arch.kv_lora_rank + 2 * arch.q_lora_rank
-    else:  # Q and the output projection's input (a d), K and V before GQA expansion (k d)
-        kd = arch.num_kv_heads * arch.head_size
-        attn_split = 2 * qk + 2 * kd + 2 * kd + 2 * v
+        attn_split = e * (2 * qk + 2 * v + arch.kv_lora_rank + arch.q_lora_rank)
+    else:  # Q and the output projection's input (a d), K and V before GQA expansion (k d) unless local
+        kd = qk if local else arch.num_kv_heads * arch.head_size
+        attn_split = e * (qk + 2 * kd + v)
     if moe and arch.is_moe:  # each token goes through top_k routed experts and the shared ones
         f, routed = arch.top_k * arch.expert_ffn + arch.shared_expert_ffn_hidden_size, arch.top_k
     else:
         f, routed = arch.ffn_hidden_size, 0
-    act_in = 4 * f if arch.gated_mlp else 2 * f  # SwiGLU keeps gate and up; GELU its input
-    mlp_split = act_in + 2 * f + 2 * h * routed  # activation input, W2 input, the dispatched token copies
-    replicated = 4 * h + 2 * h + 2 * h + 2 * mask * h  # norm inputs, QKV input, MLP input, dropout masks
+    act_in = (
+        e * f * ((4 if local else 2) if arch.gated_mlp else 1)
+    )  # SwiGLU keeps gate and up; GELU its input
+    mlp_split = act_in + e * f + e * h * routed  # activation input, W2 input, the dispatched token copies
+    norm = e * h + ((e * h + e) if local else 0)  # input (+ normalized output and 1/rms)
+    replicated = 2 * norm + e * h + e * h + 2 * mask * h  # norms, QKV input, MLP input, dropout masks
     score_bytes = (
-        0.0 if (recompute == "selective" or flash) else (5 if dropout else 2) * arch.num_attention_heads * s
+        0.0
+        if (recompute == "selective" or flash)
+        else ((2 * e + 1) if dropout else e) * arch.num_attention_heads * s
     )
     per_token = (
         (replicated + attn_split + mlp_split + score_bytes) / t
@@ -134,8 +154,21 @@ def gpt_arch(*, h: int, a: int, layers: int = 1) -> PlanArch:
     return PlanArch(layers, h, a, a, 4 * h, gated_mlp=False)
 
 
-def state_bytes(params: float, *, dp: int, engine: str, zero: int) -> tuple[float, float, float]:
-    """(weights, grads, optimizer) bytes of `params` parameters data-parallel over `dp` ranks, bf16 + Adam."""
+def state_bytes(
+    params: float, *, dp: int, engine: str, zero: int, precision: str = "bf16"
+) -> tuple[float, float, float]:
+    """(weights, grads, optimizer) bytes of `params` parameters data-parallel over `dp` ranks, with Adam:
+    bf16 mixed precision, or fp32 (4 weight + 4 grad + 8 Adam moments: no separate master copy)."""
+    if precision == "fp32":
+        if engine == "megatron" and zero not in (0, 1):
+            raise ConfigError(
+                "parallel.zero", zero, "the megatron engine shards optimizer state only (zero 0 or 1)"
+            )
+        return (
+            4 * params / (dp if zero >= 3 else 1),
+            4 * params / (dp if zero >= 2 else 1),
+            8 * params / (dp if zero >= 1 else 1),
+        )
     if engine == "megatron":  # 2 bf16 weight + 4 fp32 main grad + 12 fp32 master/Adam (6 + 12/DP sharded)
         if zero not in (0, 1):
             raise ConfigError(
@@ -162,8 +195,13 @@ def memory_per_gpu(
     dropout: bool = False,
     flash_attention: bool = True,
     margin: float = 0.10,
+    precision: str = "bf16",
+    kernels: str = "fused",
 ) -> Memory:
-    """Peak bytes on the most loaded GPU (the first pipeline stage, which also holds the embedding)."""
+    """Peak bytes on the most loaded GPU (the first pipeline stage, which also holds the embedding).
+
+    `precision`: bf16 mixed precision (GPU runs) or fp32 (CPU runs); `kernels`: fused (TransformerEngine /
+    Apex / flash, GPU) or local (megatron-core's local spec unfused, the CPU path); see layer_activation_bytes."""
     a = as_plan_arch(arch)
     if layout.recompute not in RECOMPUTE:
         raise ConfigError("plan.recompute", layout.recompute, f"choose one of {', '.join(RECOMPUTE)}")
@@ -180,9 +218,10 @@ def memory_per_gpu(
     edp = max(
         1, layout.dp * layout.cp * tp // ep
     )  # expert data-parallel size (Megatron: world / (EP x ETP x PP))
-
-    w1, g1, o1 = state_bytes(dense_params, dp=dp_shard, engine=layout.engine, zero=layout.zero)
-    w2, g2, o2 = state_bytes(expert_params, dp=edp, engine=layout.engine, zero=layout.zero)
+    st = {"engine": layout.engine, "zero": layout.zero, "precision": precision}
+    w1, g1, o1 = state_bytes(dense_params, dp=dp_shard, **st)
+    w2, g2, o2 = state_bytes(expert_params, dp=edp, **st)
+    e = 4 if precision == "fp32" else 2
 
     s_local, b = seq_length // layout.cp, layout.micro_batch
     layers_per_stage = a.num_layers / pp
@@ -194,6 +233,8 @@ def memory_per_gpu(
         "recompute": layout.recompute,
         "dropout": dropout,
         "flash": flash_attention,
+        "act_bytes": e,
+        "kernels": kernels,
     }
     dense_layers = a.num_layers - a.moe_layers
     per_layer = (
@@ -208,9 +249,11 @@ def memory_per_gpu(
     acts = per_layer * layers_per_stage * in_flight + extra / (tp if layout.sp else 1)
     if layout.vpp > 1 and pp > 1:
         acts *= 1 + (pp - 1) / (pp * layout.vpp)
-    if (
-        pp == 1
-    ):  # final norm input, output GEMM input, logits and the cross-entropy: 4sbh(1 + v/h), vocab-parallel
-        acts += 4 * sb * a.hidden_size * (1 + vocab_size / a.hidden_size) / tp
+    if pp == 1:
+        # Final norm input, output GEMM input and the fp32 logits the cross-entropy keeps: Megatron's
+        # 4sbh(1 + v/h) at e = 2 (vocab-parallel); a local norm also keeps its output and 1/rms.
+        h = a.hidden_size
+        norm = e * h + ((e * h + e) if kernels == "local" else 0)
+        acts += sb * (norm + e * h + 4 * vocab_size) / tp
     weights, grads, opt = w1 + w2, g1 + g2, o1 + o2
     return Memory(weights, grads, opt, acts, margin * (weights + grads + opt + acts))

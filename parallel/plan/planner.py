@@ -74,6 +74,8 @@ class Plan:
     result: SearchResult
     loss: float | None = None
     notes: list[str] = field(default_factory=list)
+    hp_flops: float = 0.0
+    """DeepSeek's C = M x D the batch and LR laws were evaluated at."""
 
     @property
     def best(self) -> Candidate:
@@ -128,7 +130,7 @@ def budget(req: PlanConfig, gpu: str) -> float:
     return budget_from_gpu_hours(req.gpu_hours, gpu=gpu, mfu=req.mfu)
 
 
-def _shape(req: PlanConfig, n: float, notes: list[str]) -> PlanArch:
+def _shape(req: PlanConfig, n: float, notes: list[str], flops: float) -> PlanArch:
     try:
         if req.num_experts:
             return moe_shape(n, vocab_size=req.vocab_size, num_experts=req.num_experts, top_k=req.top_k)
@@ -146,7 +148,7 @@ def _shape(req: PlanConfig, n: float, notes: list[str]) -> PlanArch:
         smallest = smallest_params(req.vocab_size)
         raise ConfigError(
             "plan.flops",
-            f"{6 * n * 20 * n:.3g}",
+            f"{flops:.3g}",
             f"the budget sizes a {n:.3g}-parameter model, below the smallest shape at vocab {req.vocab_size} "
             f"({smallest:.3g}); the nearest feasible plan needs >= {6 * 20 * smallest**2:.3g} FLOPs "
             f"(20 tokens per parameter), or a smaller vocab_size",
@@ -164,7 +166,7 @@ def plan(req: PlanConfig, *, cluster_name: str, gpu: str, gpus_per_node: int, ma
     flops = budget(req, gpu)
     sizing = size(req, flops)
     notes: list[str] = []
-    arch = _shape(req, sizing.n_params, notes)
+    arch = _shape(req, sizing.n_params, notes, flops)
     params = param_count(arch, vocab_size=req.vocab_size)
     n = params.active
     # The run trains D = C / (6 N) tokens of the SHAPE's N (within 2% of the law's).
@@ -235,7 +237,7 @@ def plan(req: PlanConfig, *, cluster_name: str, gpu: str, gpus_per_node: int, ma
     if hp.batch_sequences != best.batch_sequences:
         notes.append(f"batch {best.batch_sequences} sequences searched, {hp.batch_sequences} planned")
     return Plan(req, cluster_name, gpu, flops, sizing, arch, params, hp, nodes, nodes * gpus_per_node, result,
-                sizing.loss, notes)  # fmt: skip
+                sizing.loss, notes, m_flops)  # fmt: skip
 
 
 def tokens_str(x: float) -> str:
@@ -304,3 +306,24 @@ def format_plan(p: Plan) -> str:
         ])  # fmt: skip
     tail = f"{len(p.result.fits)} of {p.result.tried} layouts fit"
     return "\n\n".join([_table(summary), _table(rows), tail, *p.notes])
+
+
+def config_choice(p: Plan) -> tuple[Candidate | None, Hparams | None, str | None]:
+    """The fastest candidate the run's schema can take, its hyperparameters, and why the best one could not
+    be written (None when it is the best)."""
+    from parallel.plan.emit import writable
+
+    first_why = None
+    for c in p.result.fits:
+        why = writable(p, c)
+        if why is None:
+            hp = hparams(
+                flops=p.hp_flops,
+                tokens=p.hp.tokens,
+                seq_length=p.request.seq_length,
+                schedule=p.request.schedule,
+                batch_multiple=c.layout.dp * c.layout.micro_batch,
+            )
+            return c, hp, first_why
+        first_why = first_why or why
+    return None, None, first_why

@@ -6,7 +6,7 @@ single-process reference (plain torch: the same GPTModel at tp = 1, torch AdamW,
 
 Each layout starts from the reference's initial weights (sliced for TP, PP stages and virtual chunks), trains on
 the same global batches, and reports its per-step losses and the largest relative difference of any final weight
-from the reference's (max |w - w_ref| / max |w_ref| per tensor).
+from the reference's (||w - w_ref|| / ||w_ref|| per tensor, and the largest elementwise difference).
 """
 
 from __future__ import annotations
@@ -32,11 +32,43 @@ ARCH = {
 }
 
 
-def build(tp: int = 1, sp: bool = False):
+EXPERTS = 4
+
+
+def build(tp: int = 1, sp: bool = False, moe: bool = False):
     from models.llama import build_model, resolve_arch
 
-    return build_model(
-        resolve_arch("llama3", "tiny", **ARCH), vocab_size=VOCAB, max_seq_length=SEQ, tp=tp, sp=sp
+    arch = resolve_arch("llama3", "tiny", **ARCH)
+    if not moe:
+        return build_model(arch, vocab_size=VOCAB, max_seq_length=SEQ, tp=tp, sp=sp)
+    # A Mixtral-style variant for EP parity until models/ has a MoE family: the Llama config with 4 experts,
+    # top-2, no load-balancing loss (its value would depend on how tokens are split across ranks).
+    import dataclasses
+
+    import megatron.core.models.gpt as gpt
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from models.llama import padded_vocab_size, transformer_config
+
+    config = dataclasses.replace(
+        transformer_config(arch, tp=tp, sp=sp),
+        num_moe_experts=EXPERTS,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=ARCH["ffn_hidden_size"] // 2,
+        moe_token_dispatcher_type="alltoall",
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_grouped_gemm=False,
+    )
+    return gpt.GPTModel(  # through the module attribute: the engine's pipeline-stage seam applies
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(
+            num_experts=EXPERTS, moe_grouped_gemm=False, normalization="RMSNorm"
+        ),
+        vocab_size=padded_vocab_size(VOCAB, tp),
+        max_sequence_length=SEQ,
+        position_embedding_type="rope",
+        rotary_base=int(arch.rope_theta),
     )
 
 
@@ -50,10 +82,10 @@ def global_batch(step: int) -> dict[str, torch.Tensor]:
     }
 
 
-def reference(path: str) -> None:
+def reference(path: str, *, moe: bool = False) -> None:
     """Single process, no engine: the numbers every layout must reproduce."""
     torch.manual_seed(0)
-    model = build()
+    model = build(moe=moe)
     init = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
     no_decay = [p for n, p in model.named_parameters() if p.ndim == 1 or n.endswith(".bias")]
@@ -114,66 +146,79 @@ def load_full(model, full: dict):
     offset = layer_offset(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(full_slice(name, p, full, offset))
+            p.copy_(full_slice(name, p, full, offset, EXPERTS))
     return model
 
 
-def weight_error(modules: list, full: dict) -> float:
-    """Largest relative difference of a local weight from its slice of the reference (all ranks)."""
+def weight_error(modules: list, full: dict) -> tuple[float, float]:
+    """Over every local weight (all ranks): the largest relative error ||w - w_ref|| / ||w_ref|| of a tensor
+    (its slice), and the largest elementwise |w - w_ref|."""
     import contextlib
 
-    worst = 0.0
+    worst_rel, worst_abs = 0.0, 0.0
     for m in modules:
         offset = layer_offset(m)
         params = list(m.named_parameters())
         gather = contextlib.nullcontext()
-        if any(hasattr(p, "ds_id") for _, p in params):
+        if any(hasattr(p, "ds_id") for _, p in params):  # ZeRO-3: parameters are partitioned
             import deepspeed
 
             gather = deepspeed.zero.GatheredParameters([p for _, p in params])
         with gather, torch.no_grad():
             for name, p in params:
-                ref = full_slice(name, p, full, offset)
-                err = ((p.float() - ref).abs().max() / ref.abs().max()).item()
-                if os.environ.get("PARITY_DETAIL") and err > 1e-5:
-                    d = (p.float() - ref).abs()
-                    i = d.argmax()
-                    print(
-                        f"  {name}: rel {err:.2e} at {i.item()} value {p.flatten()[i].item():.6g} ref {ref.flatten()[i].item():.6g} max|ref| {ref.abs().max().item():.3g} n>1e-6: {(d > 1e-6).sum().item()}",
-                        flush=True,
-                    )
-                worst = max(worst, err)
-    t = torch.tensor(worst)
+                ref = full_slice(name, p, full, offset, EXPERTS)
+                diff = p.float() - ref
+                worst_rel = max(worst_rel, (diff.norm() / ref.norm()).item())
+                worst_abs = max(worst_abs, diff.abs().max().item())
+    t = torch.tensor([worst_rel, worst_abs])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+    return t[0].item(), t[1].item()
 
 
 # --------------------------------------------------------------------------------- one layout
-def run_layout(spec: dict, ref: dict) -> dict:
+def run_layout(spec: dict, ref: dict, *, scratch: str) -> dict:
+    """Train `spec` for STEPS steps. With "resume_at": k, the engine is saved after step k through
+    train/checkpoint.py, thrown away, and a fresh one loads the checkpoint and goes on."""
     from megatron.core import parallel_state as ps
 
     from parallel import engine as groups
     from parallel.engines import OptimSettings, build_engine
     from parallel.layout import ParallelLayout
+    from train import checkpoint
     from train.schedule import build_scheduler
 
+    spec = dict(spec)
+    resume_at = spec.pop("resume_at", None)
+    moe = spec.pop("moe", False)
     layout = ParallelLayout(nproc_per_node=dist.get_world_size(), micro_batch=MICRO, **spec)
     groups.init_model_parallel(layout, seed=1234, device=torch.device("cpu"))
-    accum = layout.accum_steps(BATCH)
-    engine = build_engine(
-        layout,
-        build_model=lambda: load_full(build(tp=layout.tp, sp=layout.sp), ref["init"]),
-        optim=OptimSettings(lr=LR, min_lr=LR, weight_decay=WD, betas=(0.9, 0.95), eps=1e-8, clip_grad=CLIP),
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        grad_accum=accum,
-    )
-    scheduler = build_scheduler(
-        engine, peak_lr=LR, min_lr=LR, tokens=10**9, warmup_tokens=0, schedule="constant", weight_decay=WD
-    )
+
+    def fresh(init: dict):
+        engine = build_engine(
+            layout,
+            build_model=lambda: load_full(build(tp=layout.tp, sp=layout.sp, moe=moe), init),
+            optim=OptimSettings(
+                lr=LR, min_lr=LR, weight_decay=WD, betas=(0.9, 0.95), eps=1e-8, clip_grad=CLIP
+            ),
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+            grad_accum=layout.accum_steps(BATCH),
+        )
+        scheduler = build_scheduler(
+            engine, peak_lr=LR, min_lr=LR, tokens=10**9, warmup_tokens=0, schedule="constant", weight_decay=WD
+        )
+        return engine, scheduler
+
+    engine, scheduler = fresh(ref["init"])
     dp_rank, per_rank = ps.get_data_parallel_rank(), BATCH // layout.dp_size
     losses, norms = [], []
     for step in range(STEPS):
+        if step == resume_at:
+            path = checkpoint.save(scratch, engine=engine, scheduler=scheduler, state={"step": step})
+            del engine
+            # Different weights before loading, so a load that does nothing cannot pass.
+            engine, scheduler = fresh({k: torch.zeros_like(v) for k, v in ref["init"].items()})
+            assert checkpoint.load(path, engine=engine, scheduler=scheduler, full_verify=True)["step"] == step
         b = global_batch(step)
         mine = {k: v[dp_rank * per_rank : (dp_rank + 1) * per_rank] for k, v in b.items()}
         micro = [{k: v[i : i + MICRO] for k, v in mine.items()} for i in range(0, per_rank, MICRO)]
@@ -181,21 +226,33 @@ def run_layout(spec: dict, ref: dict) -> dict:
         losses.append(engine.forward_backward(micro, seq_length=SEQ))
         norms.append(engine.step())
         scheduler.step(increment=1)
-    out = {"losses": losses, "grad_norms": norms, "weight_error": weight_error(engine.modules, ref["final"])}
+    rel, max_abs = weight_error(engine.modules, ref["final"])
+    out = {"losses": losses, "grad_norms": norms, "weight_rel": rel, "weight_max_abs": max_abs}
+    sizes = engine.state_bytes()
+    for key in ("params", "grads", "optimizer"):  # the largest rank's bytes
+        if sizes[key] is not None:
+            t = torch.tensor(float(sizes[key]))
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            out[f"{key}_bytes"] = t.item()
     del engine
     ps.destroy_model_parallel()
     return out
 
 
+def moe_reference(path: str) -> str:
+    return os.path.splitext(path)[0] + ".moe.pt"
+
+
 def main() -> None:
     warnings.filterwarnings("ignore")
     ref_path, out_path, specs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    # MoE layouts ("moe": true) compare with the MoE reference, saved beside the dense one as <REF>.moe.pt.
     dist.init_process_group("gloo")
-    ref = torch.load(ref_path)
     results = {}
-    for name, spec in specs.items():
+    for i, (name, spec) in enumerate(specs.items()):
         try:
-            results[name] = run_layout(spec, ref)
+            ref = torch.load(moe_reference(ref_path) if spec.get("moe") else ref_path)
+            results[name] = run_layout(spec, ref, scratch=os.path.join(os.path.dirname(out_path), f"ckpt{i}"))
         except Exception as e:  # one broken layout must not hide the others' numbers
             import traceback
 

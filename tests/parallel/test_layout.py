@@ -167,3 +167,35 @@ def test_sequence_and_context_parallel_split_the_sequence(monkeypatch):
     cp = ParallelLayout(nproc_per_node=4, tp=2, sp=True, cp=2, micro_batch=1)
     with pytest.raises(ConfigError, match=r"multiple of tp\*2\*cp .* = 8; try 96"):
         cp.check_batch(key="k.batch", sequences=1, seq_length=100)
+
+
+def test_model_state_bytes_follow_zero_stages():
+    """ZeRO (Rajbhandari et al. 2020) Fig. 1: Psi = 7.5B, N_d = 64, mixed precision: baseline 120 GB per rank,
+    stage 1 (P_os) 31.4 GB, stage 2 (P_os+g) 16.6 GB, stage 3 (P_os+g+p) 1.9 GB. DeepSpeed: 2-byte gradients."""
+    psi = 7.5e9
+    per_rank = {
+        z: sum(
+            ParallelLayout(nproc_per_node=64, engine="deepspeed", zero_stage=z)
+            .model_state_bytes(int(psi), mixed_precision=True)
+            .values()
+        )
+        / 1e9
+        for z in range(4)
+    }
+    assert per_rank == pytest.approx({0: 120.0, 1: 31.4, 2: 16.6, 3: 1.9}, abs=0.06)
+    tp_pp = ParallelLayout(nproc_per_node=8, tp=2, pp=2, zero_stage=1).model_state_bytes(1000)
+    assert tp_pp == {
+        "params": 1000.0,
+        "grads": 1000.0,
+        "optimizer": 1000.0,
+    }  # 250 params: 4, 4, 8/2 bytes each
+
+
+def test_pipeline_end_stages_hold_the_embeddings():
+    # 1000 parameters of which 2 x 100 are embedding and output layer: pp=4 -> 800/4 layers + 100 = 300 params.
+    layout = ParallelLayout(nproc_per_node=4, pp=4, zero_stage=0)
+    assert layout.model_state_bytes(1000, embedding_params=100) == {
+        "params": 1200.0,
+        "grads": 1200.0,
+        "optimizer": 2400.0,
+    }

@@ -206,7 +206,7 @@ def test_average_of_checkpoints_is_the_elementwise_mean(megatron_world1, tmp_pat
         )
     paths = last_checkpoints(directory, 2)
     assert [checkpoint.read_state(p)["step"] for p in paths] == [2, 3]
-    average_into(ddp.module, paths)
+    average_into(checkpoint.MegatronState([ddp.module]), paths)
     for name, value in ddp.module.state_dict().items():
         if isinstance(value, torch.Tensor) and value.is_floating_point():
             torch.testing.assert_close(value, (saved[1][name] + saved[2][name]) / 2, rtol=0, atol=1e-6)

@@ -40,7 +40,11 @@ def test_default_config_values():
     assert cfg.run_dir == "runs/kiln/default"
     assert cfg.parallel.world_size == 2 and cfg.parallel.dp_size == 2
     lc = cfg.recipe.stages["long_context"]
-    assert lc.init_from == "base" and lc.seq_length == 1024 and lc.rope_scaling_factor == 4.0
+    assert (
+        lc.init_from == "base"
+        and lc.seq_length == 1024
+        and lc.rope_scaling == {"kind": "linear", "factor": 4.0}
+    )
     anneal = cfg.recipe.stages["anneal"]
     assert anneal.lr is None and anneal.min_lr == 0 and anneal.schedule == "linear"
     assert anneal.mix["docs"] > anneal.mix["code"]
@@ -131,4 +135,78 @@ def test_cli_help_lists_groups_and_cfg_job_prints_config():
         assert group in help_text
     job = _cli("--cfg", "job", "experiment=demo").stdout
     assert "run_dir: runs/${experiment}/${name}" in job
-    assert "rope_scaling_factor: 4.0" in job
+    assert "rope_scaling:" in job
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["recipe.stages.long_context.rope_scaling.kind=none"],
+            "recipe.stages.long_context.seq_length=1024: longer than the 256 tokens base trained at with the same "
+            "RoPE, which does not extrapolate; set rope_scaling \\(e.g. \\{kind: linear, factor: 4\\}\\)",
+        ),
+        (
+            ["recipe.stages.long_context.rope_scaling.factor=2"],
+            "linear factor 2 reaches 512 tokens from base's 256, short of seq_length=1024; use factor 4",
+        ),
+        (
+            ["recipe.stages.long_context.rope_scaling.kind=warp"],
+            "recipe.stages.long_context.rope_scaling.kind='warp': choose one of none, linear",
+        ),
+        (
+            ["+recipe.stages.long_context.rope_scaling.fudge=2"],
+            "recipe.stages.long_context.rope_scaling=.*unexpected keyword argument 'fudge'; its fields are kind",
+        ),
+        (["recipe.stages.anneal.rope_theta=-1"], "recipe.stages.anneal.rope_theta=-1.0: must be > 0"),
+    ],
+)
+def test_stage_rope_changes_are_checked_against_the_context(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        to_config(compose_cfg(overrides))
+
+
+def test_stage_rope_changes_reach_the_model():
+    cfg = to_config(
+        compose_cfg(
+            ["recipe.stages.long_context.rope_scaling.kind=none", "recipe.stages.long_context.rope_theta=4e5"]
+        )
+    )
+    lc = cfg.recipe.stages["long_context"].arch(cfg.model.arch())  # ABF: a larger base instead of scaling
+    assert lc.rope.kind == "none" and lc.rope_theta == 4e5
+    anneal = cfg.recipe.stages["anneal"].arch(cfg.model.arch())
+    assert (anneal.rope.kind, anneal.rope.factor, anneal.rope_theta) == (
+        "linear",
+        4.0,
+        cfg.model.arch().rope_theta,
+    )
+
+
+def test_llama3_8b_recipe_is_the_papers_three_stages():
+    cfg = to_config(compose_cfg(["recipe=llama3_8b"]))
+    arch = cfg.model.arch()
+    assert (arch.num_layers, arch.hidden_size, arch.rope_theta) == (32, 4096, 500_000.0)
+    base, lc, anneal = (cfg.recipe.stages[s] for s in ("base", "long_context", "anneal"))
+    assert (base.seq_length, lc.seq_length, anneal.seq_length) == (8192, 131072, 131072)
+    assert lc.arch(arch).rope.kind == "llama3" and lc.arch(arch).rope.original_context == 8192
+    assert anneal.arch(arch).rope == lc.arch(arch).rope  # annealing continues the long-context model
+    assert (anneal.lr, anneal.min_lr, anneal.schedule, anneal.average_last) == (None, 0.0, "linear", 5)
+    assert base.batch_tokens == lc.batch_tokens == anneal.batch_tokens == 4 * 1024 * 1024
+
+
+def test_olmo2_style_recipe_is_warmup_stable_then_decay_to_zero():
+    cfg = to_config(compose_cfg(["recipe=olmo2_style"]))
+    pre, anneal = cfg.recipe.stages["pretrain"], cfg.recipe.stages["anneal"]
+    assert pre.schedule == "constant" and pre.min_lr == pre.lr and anneal.init_from == "pretrain"
+    assert (anneal.lr, anneal.min_lr, anneal.schedule, anneal.keep_optimizer) == (None, 0.0, "linear", True)
+
+
+def test_average_last_needs_that_many_checkpoints_in_the_stage():
+    with pytest.raises(
+        ConfigError, match="recipe.stages.anneal.average_last=3: needs 2..1 .*8 steps, one every 8"
+    ):
+        to_config(compose_cfg(["recipe.stages.anneal.average_last=3"]))
+    cfg = to_config(
+        compose_cfg(["recipe.stages.anneal.average_last=3", "recipe.stages.anneal.save_every_tokens=16384"])
+    )
+    assert cfg.recipe.stages["anneal"].average_last == 3  # saves at steps 2, 4, 6 and the final 8

@@ -25,12 +25,12 @@ STAGES = SMALL + [
     "recipe.stages.base.eval_every_tokens=16384",
     # Same context and RoPE as base, so its starting validation loss must equal base's final one.
     "recipe.stages.long_context.seq_length=256",
-    "recipe.stages.long_context.rope_scaling_factor=1.0",
+    "recipe.stages.long_context.rope_scaling.kind=none",
     "recipe.stages.long_context.tokens=4096",
     "recipe.stages.long_context.batch_tokens=2048",
     "recipe.stages.long_context.warmup_tokens=0",
     "recipe.stages.anneal.seq_length=512",
-    "recipe.stages.anneal.rope_scaling_factor=2.0",
+    "recipe.stages.anneal.rope_scaling.factor=2.0",
     "recipe.stages.anneal.tokens=6144",
     "recipe.stages.anneal.batch_tokens=2048",
 ]

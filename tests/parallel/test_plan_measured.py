@@ -1,0 +1,57 @@
+"""The memory model against bytes measured in our own CPU run: megatron-core's GPTModel (local spec, fp32),
+DDP + distributed optimizer after one step; activations are the tensors autograd saves for the backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.llama import SIZES, build_model
+from parallel import engine
+from parallel.layout import ParallelLayout
+from parallel.plan.memory import Layout, memory_per_gpu
+
+
+@pytest.mark.slow  # builds megatron-core's model and optimizer (~15-40 s on a loaded 2-core machine)
+@pytest.mark.parametrize("micro_batch", [1, 2])
+def test_memory_model_matches_measured_cpu_bytes(megatron_world1, micro_batch):
+    arch, vocab, seq = SIZES["llama3"]["tiny"], 4096, 256
+    layout = ParallelLayout(nproc_per_node=1, micro_batch=micro_batch)
+    model = build_model(arch, vocab_size=vocab, max_seq_length=seq)
+    ddp = engine.wrap_ddp(model, layout)
+    opt = engine.build_optimizer(
+        ddp, layout=layout, lr=1e-3, min_lr=0.0, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, clip_grad=1.0,
+        bf16=False,
+    )  # fmt: skip
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):  # every storage autograd keeps, once; weights are not activations
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = max(saved.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    tokens = torch.randint(0, vocab, (micro_batch, seq))
+    pos = torch.arange(seq).expand(micro_batch, seq)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = ddp(tokens, pos, None, labels=tokens).float().mean()
+    loss.backward()
+    opt.step()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    grads = sum(b.grad_data.numel() * b.grad_data.element_size() for b in ddp.buffers)
+    optim = sum(
+        v.numel() * v.element_size()
+        for o in getattr(opt, "chained_optimizers", [opt])
+        for state in o.optimizer.state.values()
+        for v in state.values()
+        if torch.is_tensor(v) and v.dim() > 0
+    )
+    predicted = memory_per_gpu(
+        arch, Layout(micro_batch=micro_batch), vocab_size=vocab, seq_length=seq, num_microbatches=1,
+        flash_attention=False, precision="fp32", kernels="local",
+    )  # fmt: skip
+    assert (weights, grads, optim) == (predicted.weights, predicted.grads, predicted.optimizer)  # 4 + 4 + 8 B
+    measured = sum(saved.values())
+    print(f"activations: predicted {predicted.activations:.0f} B, measured {measured} B")
+    assert predicted.activations == pytest.approx(measured, rel=0.05)
