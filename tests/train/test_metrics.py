@@ -30,11 +30,12 @@ RUN = SMALL + [
     "recipe.stages.long_context.batch_tokens=2048",
     "recipe.stages.long_context.warmup_tokens=0",
     "recipe.stages.long_context.seq_length=512",
-    "recipe.stages.anneal.tokens=4096",  # 2 steps at context 1024
+    "recipe.stages.anneal.tokens=4096",  # 2 steps at context 512
+    "recipe.stages.anneal.seq_length=512",
     "recipe.stages.anneal.batch_tokens=2048",
 ]
 STEPS = {"base": 8, "long_context": 2, "anneal": 2}
-SEQ = {"base": 256, "long_context": 512, "anneal": 1024}
+SEQ = {"base": 256, "long_context": 512, "anneal": 512}
 
 
 @pytest.fixture(scope="module")
