@@ -128,3 +128,37 @@ def test_cli_names_a_directory_without_metrics(tmp_path, capsys):
     synthetic_run(tmp_path / "run")
     assert main([str(tmp_path / "run")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "run" / "report" / "index.md")
+
+
+def test_planner_candidate_becomes_the_prediction_the_report_compares(tmp_path):
+    from parallel.plan.memory import Layout, Memory
+    from parallel.plan.search import Candidate
+    from parallel.plan.steptime import StepTime
+    from train.plots import write_prediction
+
+    # 8 GPUs, 2.0 s per step of 64 x 4096 tokens; 6e15 model FLOPs per step on 8 x 1e15 peak.
+    candidate = Candidate(
+        layout=Layout(tp=2, dp=4),
+        batch_sequences=64,
+        seq_length=4096,
+        memory=Memory(
+            weights=8 * 2**30, grads=8 * 2**30, optimizer=16 * 2**30, activations=30 * 2**30, margin=2**31
+        ),
+        time=StepTime(compute=1.5, bubble=0, tp=0.3, ep=0, cp=0, pp=0, dp=0.2, model_flops=6e15, peak=8e15),
+    )
+    write_prediction(str(tmp_path), candidate)
+    predicted = json.loads((tmp_path / "plan.json").read_text())["predicted"]
+    assert predicted == {
+        "time/step": 2.0,
+        "tokens_per_s": 64 * 4096 / 2.0,
+        "tokens_per_s_per_gpu": 64 * 4096 / 2.0 / 8,
+        "mfu": 6e15 / (8e15 * 2.0),
+        "mem/peak_allocated_gb": 64.0,
+    }
+    records = [
+        {"stage": "base", "step": 1, "global_step": 1, "time/step": 2.5, "mem/peak_allocated_gb": 60.0}
+    ]
+    assert planner_vs_measured(records, str(tmp_path)) == {
+        "time/step": (2.0, 2.5),
+        "mem/peak_allocated_gb": (64.0, 60.0),
+    }
