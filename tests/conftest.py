@@ -54,9 +54,10 @@ def data_cache(tmp_path_factory) -> str:
 
 
 def run_train(
-    overrides: list[str], *, cwd: Path, timeout: int = 900, check: bool = True
+    overrides: list[str], *, cwd: Path, timeout: int = 900, check: bool = True, env: dict | None = None
 ) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="disabled", HYDRA_FULL_ERROR="1")
+    """`python -m train` in a subprocess; `env` adds to (or, e.g. WANDB_MODE, replaces) its environment."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="disabled", HYDRA_FULL_ERROR="1") | (env or {})
     proc = subprocess.run(
         [sys.executable, "-m", "train", *overrides],
         cwd=cwd,

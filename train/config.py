@@ -231,8 +231,33 @@ class LoggingConfig:
     progress: bool = True
     """A progress bar on rank 0 when stdout is a terminal (log lines otherwise)."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: bool = True
+    """Also write TensorBoard event files to <run_dir>/tensorboard."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one device for MFU; null takes it from the device table for cluster.gpu
+    (train/metrics.py peak_flops_per_device); MFU is not logged when neither knows it."""
+    flops_convention: str = "megatron"
+    """FLOPs per token definition shared with the planner (parallel/plan/flops.py): megatron or torchtitan."""
+    update_ratio: bool = True
+    """Log ||update|| / ||params|| (costs one copy of the rank's parameters on logging steps)."""
+    straggler_every_steps: int = 50
+    """Gather per-rank step times every this many steps and warn about slow ranks (0 disables)."""
+    straggler_factor: float = 1.5
+    """A rank is a straggler when its busy step time exceeds the median across ranks by this factor."""
 
     def __post_init__(self) -> None:
+        if self.flops_convention not in ("megatron", "torchtitan"):
+            raise ConfigError(
+                "logging.flops_convention", self.flops_convention, "choose megatron or torchtitan"
+            )
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ConfigError("logging.peak_tflops", self.peak_tflops, "must be > 0 TFLOP/s, or null")
+        if self.straggler_every_steps < 0:
+            raise ConfigError("logging.straggler_every_steps", self.straggler_every_steps, "must be >= 0")
+        if self.straggler_factor <= 1:
+            raise ConfigError(
+                "logging.straggler_factor", self.straggler_factor, "must be > 1 (e.g. 1.5 = 50% slower)"
+            )
         if self.wandb.mode not in WANDB_MODES:
             raise ConfigError(
                 "logging.wandb.mode", self.wandb.mode, f"choose one of {', '.join(WANDB_MODES)}"

@@ -14,11 +14,12 @@ import torch.distributed as dist
 from data import blend
 from data.prepare import PreparedData
 from models.gpt import build_model
+from models.llama import padded_vocab_size
 from parallel.engines import OptimSettings, build_engine, out_of_memory_message
-from train import checkpoint, signals
+from train import checkpoint, metrics, signals
 from train.average import average_into, last_checkpoints
 from train.config import StageConfig, TrainConfig
-from train.logs import MetricSinks, Progress, set_stage
+from train.logs import MetricSinks, Progress, set_stage, set_step
 from train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -56,12 +57,17 @@ class Run:
     sinks: MetricSinks
 
 
-def _valid_record(losses: dict[str, float], prefix: str = "valid") -> dict[str, float]:
-    return {f"{prefix}/{k}": v for k, v in losses.items()}
+def _valid_record(losses: dict[str, float], prefix: str = "valid", positions: dict | None = None) -> dict:
+    return {f"{prefix}/{k}": v for k, v in losses.items()} | {
+        f"{prefix}_by_position/{k}": v for k, v in (positions or {}).items()
+    }
 
 
-def evaluate(run: Run, engine, datasets: dict, stage: StageConfig) -> dict[str, float]:
-    """Held-out loss per source, over `stage.eval_tokens` tokens (split over data-parallel ranks)."""
+def evaluate(
+    run: Run, engine, datasets: dict, stage: StageConfig, positions: dict | None = None
+) -> dict[str, float]:
+    """Held-out loss per source, over `stage.eval_tokens` tokens (split over data-parallel ranks); the loss
+    per position bucket of each source into `positions` when given (and the engine reports it)."""
     from megatron.core import parallel_state
 
     layout = run.cfg.parallel
@@ -79,6 +85,9 @@ def evaluate(run: Run, engine, datasets: dict, stage: StageConfig) -> dict[str, 
             )
             micro = blend.micro_batches(ds, idx, micro_batch=layout.micro_batch)
             out[name] = engine.forward_backward(micro, seq_length=stage.seq_length, forward_only=True)
+            by_position = metrics.position_losses(engine)
+            if positions is not None and by_position:
+                positions[name] = by_position
     engine.train()
     return out
 
@@ -132,6 +141,22 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         dtype=dtype,
         grad_accum=layout.accum_steps(stage.batch_sequences),
     )
+    order, sources = list(cfg.recipe.stages), sorted(stage.mix)
+    meter = metrics.StageMetrics(
+        logging_cfg=cfg.logging,
+        stage=stage,
+        arch=stage.arch(cfg.model.arch()),
+        padded_vocab=padded_vocab_size(run.vocab_size, layout.tp),
+        device=run.device,
+        sources=sources,
+        later_tokens=0
+        if cfg.only_stage
+        else sum(cfg.recipe.stages[s].tokens for s in order[order.index(name) + 1 :]),
+        peak_flops=metrics.peak_flops_per_device(
+            cfg.logging, gpu=cfg.cluster.gpu, device=run.device, dtype=dtype
+        ),
+    )
+    meter.attach(engine)
     scheduler = build_scheduler(
         engine,
         peak_lr=peak_lr,
@@ -198,9 +223,19 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         seed=cfg.data.seed,
         valid_percent=cfg.data.valid_percent,
     )
+    run.sinks.begin_stage(
+        name,
+        step=result.step,
+        offset=sum(cfg.recipe.stages[s].steps for s in order[: order.index(name)]),
+        order=order,
+    )
+    run.sinks.write(meter.stage_record(name, step=result.step))
     if result.step == 0:
-        result.valid_start = evaluate(run, engine, valid_ds, stage)
-        run.sinks.write({"stage": name, "step": 0, "tokens": 0, **_valid_record(result.valid_start)})
+        positions = {}
+        result.valid_start = evaluate(run, engine, valid_ds, stage, positions)
+        run.sinks.write(
+            {"stage": name, "step": 0, "tokens": 0, **_valid_record(result.valid_start, positions=positions)}
+        )
         log.info("%s validation loss at start: %s", name, _fmt(result.valid_start))
 
     rank0 = dist.get_rank() == 0
@@ -213,18 +248,28 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
     dp_rank = parallel_state.get_data_parallel_rank()
     eval_every = stage.eval_every_tokens // stage.batch_tokens if stage.eval_every_tokens else 0
     save_every = stage.save_every_tokens // stage.batch_tokens if stage.save_every_tokens else 0
-    window_start, window_tokens = time.time(), 0
+    params = [p for m in engine.modules for p in m.parameters() if p.requires_grad]
     for step in range(result.step, steps):
+        set_step(step + 1)
+        is_log = (step + 1) % cfg.logging.log_every_steps == 0 or step + 1 == steps
         t0 = time.time()
+        meter.start_step()
         engine.zero_grad()
-        idx = blend.step_indices(
-            step, batch_sequences=stage.batch_sequences, dp_rank=dp_rank, dp_size=layout.dp_size
-        )
-        micro = blend.micro_batches(train_ds, idx, micro_batch=layout.micro_batch)
+        with meter.phase("data_wait"):
+            idx = blend.step_indices(
+                step, batch_sequences=stage.batch_sequences, dp_rank=dp_rank, dp_size=layout.dp_size
+            )
+            micro = blend.micro_batches(train_ds, idx, micro_batch=layout.micro_batch)
+            metrics.tag_sources(micro, train_ds, idx)
         lr = _current_lr(engine)
         try:
-            loss = engine.forward_backward(micro, seq_length=stage.seq_length)
-            grad_norm = engine.step()
+            with meter.phase("forward_backward"):
+                loss = engine.forward_backward(micro, seq_length=stage.seq_length)
+            if is_log:
+                meter.before_update(params)
+            with meter.phase("optimizer"):
+                grad_norm = engine.step()
+                scheduler.step(increment=stage.batch_tokens)
         except torch.OutOfMemoryError as e:
             raise RuntimeError(
                 out_of_memory_message(
@@ -237,11 +282,10 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
                     device=run.device,
                 )
             ) from e
-        scheduler.step(increment=stage.batch_tokens)
+        meter.end_step()
         result.step, result.tokens, result.lr = step + 1, result.tokens + stage.batch_tokens, lr
         result.train_seconds += time.time() - t0
         result.train_loss = [result.train_loss[0] if result.train_loss else loss, loss]
-        window_tokens += stage.batch_tokens
         record = {
             "stage": name,
             "step": result.step,
@@ -249,24 +293,25 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
             "loss": loss,
             "lr": lr,
             "grad_norm": grad_norm,
+            **metrics.source_losses(engine, sources),
         }
-        is_log = result.step % cfg.logging.log_every_steps == 0 or result.step == steps
+        meter.straggler_check(result.step)  # every logging.straggler_every_steps (all ranks)
         is_eval = bool(eval_every) and result.step % eval_every == 0 and result.step != steps
         if is_eval:
             record.update(_valid_record(evaluate(run, engine, valid_ds, stage)))
+        if is_log:
+            consumed = metrics.consumed_sources(train_ds, samples=result.step * stage.batch_sequences)
+            extra = (
+                None  # more metrics to log as they are, e.g. MoE expert load (models.moe.expert_load_stats)
+            )
+            record.update(meter.interval(step=result.step, params=params, consumed_ids=consumed, extra=extra))
         if is_log or is_eval:
-            elapsed = time.time() - window_start
-            record["tokens_per_s"] = window_tokens / elapsed
-            window_start, window_tokens = time.time(), 0
             run.sinks.write(record)
-        tps = result.tokens / result.train_seconds
         progress.update(
             tokens=result.tokens,
             tokens_delta=stage.batch_tokens,
             loss=loss,
-            tokens_per_s=tps,
-            eta_s=(steps - result.step) * stage.batch_tokens / tps,
-            log_line=is_log,
+            record=record if is_log else None,
         )
         if save_every and result.step % save_every == 0 and result.step != steps:
             save()
@@ -282,13 +327,14 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
                 checkpoint=result.checkpoint,
             )
     progress.close()
-    result.valid_end = evaluate(run, engine, valid_ds, stage)
+    positions = {}
+    result.valid_end = evaluate(run, engine, valid_ds, stage, positions)
     run.sinks.write(
         {
             "stage": name,
             "step": result.step,
             "tokens": result.tokens,
-            **_valid_record(result.valid_end),
+            **_valid_record(result.valid_end, positions=positions),
         }
     )
     log.info(

@@ -1,7 +1,11 @@
 """The end-of-run report: per stage tokens, losses, validation loss per source, throughput, checkpoints,
-and a greedy sample from the final model."""
+and a greedy sample from the final model; and `python -m train.report <run_dir>`, which renders the run's
+plots (train/plots.py) into `<run_dir>/report/` with a one-page index.md and index.html."""
 
 from __future__ import annotations
+
+import os
+import sys
 
 import torch
 
@@ -63,3 +67,139 @@ def format_report(cfg: TrainConfig, results: list, *, sample: str) -> str:
         )
     lines += ["", f"Greedy sample (prompt {cfg.sample_prompt!r}):", "```", sample, "```"]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- `python -m train.report <run>`
+PLOT_TITLES = {
+    "loss": "Loss across stages (train, per source, validation; dashed lines: stage boundaries)",
+    "lr": "Learning-rate schedule",
+    "throughput": "Throughput (tokens/s) and MFU",
+    "step_time": "Step time breakdown",
+    "position_loss": "Validation loss by position in the context",
+    "expert_load": "MoE expert load",
+    "data_mix": "Data mix: planned vs realized",
+    "planner": "Planner prediction vs measured",
+}
+
+
+def stage_summary(records: list[dict]) -> list[dict]:
+    """Per stage: steps, tokens, first/last train loss, final validation losses, median throughput, MFU
+    and peak memory over its logging intervals."""
+    import statistics
+
+    from train.plots import stage_order
+
+    out = []
+    for stage in stage_order(records):
+        rows = [r for r in records if r["stage"] == stage]
+        train = [r for r in rows if "loss" in r]
+
+        def med(key, rows=rows):
+            vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+            return statistics.median(vals) if vals else None
+
+        valid = [r for r in rows if any(k.startswith("valid/") for k in r)]
+        out.append(
+            {
+                "stage": stage,
+                "steps": max((r["step"] for r in rows), default=0),
+                "tokens": max((r.get("tokens", 0) for r in rows), default=0),
+                "loss": (train[0]["loss"], train[-1]["loss"]) if train else None,
+                "valid": {k[6:]: v for k, v in valid[-1].items() if k.startswith("valid/")} if valid else {},
+                "tokens_per_s": med("tokens_per_s"),
+                "tflops_per_gpu": med("tflops_per_gpu"),
+                "mfu": med("mfu"),
+                "memory_gb": max(
+                    (r[k] for r in rows for k in ("mem/peak_allocated_gb", "mem/rss_gb") if k in r),
+                    default=None,
+                ),
+            }
+        )
+    return out
+
+
+def _cell(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def write_run_report(run_dir: str) -> str:
+    """Render every plot the run's metrics allow into `<run_dir>/report/` with a one-page index.md and
+    index.html linking them. Returns the index.md path."""
+    import html
+
+    from train.plots import read_records, render_all
+
+    out_dir = os.path.join(run_dir, "report")
+    drawn = render_all(run_dir, out_dir)
+    records = read_records(run_dir)
+    md = [
+        f"# Kiln run report: {os.path.abspath(run_dir)}",
+        "",
+        "| stage | steps | tokens | train loss first -> last | final validation | tokens/s | TFLOP/s/GPU | MFU | peak mem GB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in stage_summary(records):
+        loss = f"{s['loss'][0]:.3f} -> {s['loss'][1]:.3f}" if s["loss"] else "-"
+        valid = ", ".join(f"{k} {v:.3f}" for k, v in s["valid"].items()) or "-"
+        md.append(
+            f"| {s['stage']} | {s['steps']} | {s['tokens']:,} | {loss} | {valid} | "
+            f"{_cell(s['tokens_per_s'], ',.0f')} | {_cell(s['tflops_per_gpu'], '.3g')} | "
+            f"{_cell(s['mfu'], '.1%')} | {_cell(s['memory_gb'], '.2f')} |"
+        )
+    md.append("")
+    for name, path in drawn.items():
+        md += [f"## {PLOT_TITLES[name]}", "", f"![{name}]({os.path.basename(path)})", ""]
+    missing = [PLOT_TITLES[n] for n in PLOT_TITLES if n not in drawn]
+    if missing:
+        md += ["Not recorded in this run: " + "; ".join(missing) + ".", ""]
+    index_md = os.path.join(out_dir, "index.md")
+    with open(index_md, "w") as f:
+        f.write("\n".join(md))
+    body = [
+        f"<h1>{html.escape(md[0][2:])}</h1>",
+        _html_table(md[2:4] + md[4 : 4 + len(stage_summary(records))]),
+    ]
+    for name, path in drawn.items():
+        body.append(f"<h2>{html.escape(PLOT_TITLES[name])}</h2>")
+        body.append(f'<img src="{os.path.basename(path)}" width="800" height="450" alt="{name}">')
+    if missing:
+        body.append(f"<p>Not recorded in this run: {html.escape('; '.join(missing))}.</p>")
+    with open(os.path.join(out_dir, "index.html"), "w") as f:
+        f.write(
+            "<!doctype html><html><head><meta charset='utf-8'><title>Kiln run report</title>"
+            "<style>body{font-family:sans-serif;max-width:860px;margin:auto}"
+            "td,th{border:1px solid #ccc;padding:2px 6px}table{border-collapse:collapse}</style></head><body>\n"
+            + "\n".join(body)
+            + "\n</body></html>\n"
+        )
+    return index_md
+
+
+def _html_table(rows: list[str]) -> str:
+    import html
+
+    cells = [
+        [html.escape(c.strip()) for c in row.strip("|").split("|")]
+        for row in rows
+        if not row.startswith("|---")
+    ]
+    head = "".join(f"<th>{c}</th>" for c in cells[0])
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells[1:])
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m train.report", description=__doc__)
+    parser.add_argument("run_dir", help="a run directory (runs/<experiment>/<name>) holding metrics.jsonl")
+    args = parser.parse_args(argv)
+    if not os.path.exists(os.path.join(args.run_dir, "metrics.jsonl")):
+        print(f"kiln: {args.run_dir} has no metrics.jsonl; give a run directory", file=sys.stderr)
+        return 2
+    print(write_run_report(args.run_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

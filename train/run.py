@@ -18,7 +18,7 @@ from train import checkpoint, signals
 from train.config import TrainConfig
 from train.logs import MetricSinks, set_stage, setup_logging
 from train.loop import Run, StageResult, run_stage
-from train.report import format_report, greedy_sample
+from train.report import format_report, greedy_sample, write_run_report
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ def _run(cfg: TrainConfig, device: torch.device) -> list[StageResult]:
         run_dir=cfg.run_dir,
         run_name=f"{cfg.experiment}/{cfg.name}",
         wandb_cfg=cfg.logging.wandb,
+        tensorboard=cfg.logging.tensorboard,
         config=dataclasses.asdict(cfg),
         enabled=dist.get_rank() == 0,
     )
@@ -101,4 +102,8 @@ def _run(cfg: TrainConfig, device: torch.device) -> list[StageResult]:
 
         write_record(cfg, results, vocab_size=padded_vocab_size(tokenizer.vocab_size, cfg.parallel.tp))
         print(report, flush=True)  # the job's product on stdout
+        try:  # pictures must never fail a finished run
+            log.info("run report: %s", write_run_report(cfg.run_dir))
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not render the run report (python -m train.report %s): %r", cfg.run_dir, e)
     return results

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from parallel.engines import OptimSettings, optimizer_state_bytes, tensor_bytes, token_loss
 from parallel.layout import ParallelLayout
+from train.metrics import loss_pairs, reduce_breakdown
 
 log = logging.getLogger(__name__)
 TAG = "deepspeed"
@@ -132,6 +133,7 @@ class DeepSpeedEngine:
             mpu=MegatronMpu() if layout.tp > 1 else None,
         )
         self.modules = [self.engine.module]
+        self.loss_breakdown: dict[str, torch.Tensor] = {}
 
     @property
     def param_groups(self) -> list[dict]:
@@ -153,12 +155,14 @@ class DeepSpeedEngine:
         if not forward_only and len(micro) != self.grad_accum:
             raise ValueError(f"{len(micro)} micro-batches, but DeepSpeed was set up for {self.grad_accum}")
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        pairs = []  # per source / position bucket (train/metrics.py)
         for i, mb in enumerate(micro):
             mb = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
             with torch.set_grad_enabled(not forward_only):
                 losses = self.engine(mb["tokens"], mb["position_ids"], None, labels=mb["labels"])
                 loss, count = token_loss(losses, mb["loss_mask"])
             total += torch.stack([loss.detach().double(), count.double()])
+            pairs.append(loss_pairs(losses, mb))
             if not forward_only:
                 self.engine.backward(loss / count)
                 if i < len(micro) - 1:
@@ -166,6 +170,7 @@ class DeepSpeedEngine:
         from megatron.core import parallel_state as ps
 
         dist.all_reduce(total, group=ps.get_data_parallel_group())
+        self.loss_breakdown = reduce_breakdown(pairs)
         return (total[0] / total[1]).item()
 
     def step(self) -> float | None:

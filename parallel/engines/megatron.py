@@ -17,6 +17,7 @@ from parallel import engine as groups
 from parallel.engines import OptimSettings, optimizer_state_bytes, tensor_bytes, token_loss
 from parallel.layout import ParallelLayout
 from train.checkpoint import MegatronState
+from train.metrics import loss_pairs, reduce_breakdown
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,8 @@ def _forward_step(data_iterator, model):
     def loss_func(losses: torch.Tensor):
         loss, count = token_loss(losses, batch["loss_mask"])
         count = count.to(torch.int)
-        return loss, count, {"lm loss": torch.stack([loss.detach().clone(), count.float()])}
+        report = {"lm loss": torch.stack([loss.detach().clone(), count.float()])}
+        return loss, count, report | loss_pairs(losses, batch)  # + per source / position (train/metrics.py)
 
     return output, loss_func
 
@@ -116,6 +118,7 @@ class MegatronEngine:
             bf16=dtype == torch.bfloat16,
         )
         self._state = MegatronState(self.modules, self.optimizer)
+        self.loss_breakdown: dict[str, torch.Tensor] = {}
 
     @property
     def param_groups(self) -> list[dict]:
@@ -135,7 +138,9 @@ class MegatronEngine:
         self.optimizer.zero_grad()
 
     def forward_backward(self, micro: list[dict], *, seq_length: int, forward_only: bool = False) -> float:
-        """Run the micro-batches of one step through the schedule; the token-mean loss over the global batch."""
+        """Run the micro-batches of one step through the schedule; the token-mean loss over the global batch.
+        `loss_breakdown` keeps the loss per source and position bucket as [sum, count] (train/metrics.py)."""
+        from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         micro = [{k: v.to(self.device, non_blocking=True) for k, v in mb.items()} for mb in micro]
@@ -150,6 +155,8 @@ class MegatronEngine:
             micro_batch_size=self.layout.micro_batch,
             forward_only=forward_only,
         )
+        if self.layout.pp == 1 and self.layout.cp == 1:  # else rank 0 holds no losses / whole sequences
+            self.loss_breakdown = reduce_breakdown(losses, group=ps.get_data_parallel_group())
         return self._global_mean([entry["lm loss"] for entry in losses])
 
     def _global_mean(self, pairs: list[torch.Tensor]) -> float:
