@@ -15,6 +15,7 @@ from data import blend
 from data.prepare import PreparedData
 from models.gpt import build_model
 from models.llama import padded_vocab_size
+from models.moe import expert_load_stats
 from parallel.engines import OptimSettings, build_engine, out_of_memory_message
 from train import checkpoint, metrics, signals
 from train.average import average_into, last_checkpoints
@@ -301,9 +302,11 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
             record.update(_valid_record(evaluate(run, engine, valid_ds, stage)))
         if is_log:
             consumed = metrics.consumed_sources(train_ds, samples=result.step * stage.batch_sequences)
-            extra = (
-                None  # more metrics to log as they are, e.g. MoE expert load (models.moe.expert_load_stats)
-            )
+            extra: dict[
+                str, float
+            ] = {}  # MoE expert load per layer since the last log, over data-parallel ranks
+            for module in engine.modules:
+                extra |= expert_load_stats(module, group=parallel_state.get_data_parallel_group())
             record.update(meter.interval(step=result.step, params=params, consumed_ids=consumed, extra=extra))
         if is_log or is_eval:
             run.sinks.write(record)
