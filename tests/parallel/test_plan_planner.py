@@ -140,9 +140,9 @@ def test_layout_fields_follow_the_run_schema():
         "selective",
     )
     ParallelLayout(**fields)  # the run's own validation takes it
-    # A layout the run refuses (here: deepspeed with TP) is not writable, with the layout's own reason.
-    _, why = parallel_fields(Layout(tp=2, dp=4, engine="deepspeed", zero=3), gpus_per_node=8, nodes=1)
-    assert why is not None and why.startswith("parallel.tp=2: engine=deepspeed runs data parallel only")
+    # A layout the run refuses (here: deepspeed with PP) is not writable, with the layout's own reason.
+    _, why = parallel_fields(Layout(pp=2, dp=4, engine="deepspeed", zero=3), gpus_per_node=8, nodes=1)
+    assert why is not None and why.startswith("parallel.pp=2: engine=deepspeed")
 
 
 def test_moe_model_fields_compose_as_an_arch():
