@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import site
-import sys
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -70,10 +69,9 @@ def stdlib_files() -> list[str]:
 
 
 def site_dirs() -> list[str]:
-    """Every site-packages directory of this interpreter (the venv's and the base install's)."""
+    """The site-packages directories of this interpreter: in a venv, the venv's own only, so the package
+    docs corpus is what `make` installs on every machine, not whatever the host's base Python carries."""
     dirs = set(site.getsitepackages()) | {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-    base = sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_prefix})["purelib"]
-    dirs.add(base)
     return sorted(d for d in dirs if os.path.isdir(d))
 
 

@@ -30,9 +30,15 @@ def _edit(text: str, rate: float, rng: random.Random) -> str:
 
 @pytest.fixture(scope="module")
 def originals():
-    docs = [d for d in package_docs(3000) if len(d.split()) >= 150][:120]
+    """Up to 120 package docs of 150+ words that are mutually distinct (installed packages can ship the
+    same README twice, e.g. a package and its stub), so every planted copy has exactly one original."""
+    docs = [d for d in package_docs(3000) if len(d.split()) >= 150][:200]
+    hasher = MinHasher()
+    clusters = lsh_clusters(np.stack([hasher.signature(t) for t in docs]), bands=14, rows=8)
+    sizes = np.bincount(clusters.cluster)
+    docs = [d for d, c in zip(docs, clusters.cluster) if sizes[c] == 1][:120]
     if len(docs) < 60:
-        pytest.skip("fewer than 60 package docs of 300+ words installed")
+        pytest.skip("fewer than 60 distinct package docs of 150+ words installed")
     return docs
 
 

@@ -66,10 +66,11 @@ def test_three_stages_chain_by_checkpoint(dp2_run):
         )
     # anneal starts from long_context's weights but at context 512 with RoPE x2: close, not equal.
     assert starts["anneal"]["valid/code"] == pytest.approx(ends["long_context"]["valid/code"], abs=0.5)
-    # Training worked: validation loss fell well below its start (ln(1024) = 6.93 at init).
+    # Training worked: validation loss fell well below its start (ln(1024) = 6.93 at init). 29 steps of
+    # a 2-layer model take it down ~1.1 nats here (0.86 on another machine's corpus); untrained stays ~6.9.
     for source in ("code", "docs"):
         assert starts["base"][f"valid/{source}"] == pytest.approx(math.log(1024), abs=0.3)
-        assert ends["anneal"][f"valid/{source}"] < starts["base"][f"valid/{source}"] - 1.0
+        assert ends["anneal"][f"valid/{source}"] < starts["base"][f"valid/{source}"] - 0.5
     # anneal continues from the last LR of long_context (kept in its checkpoint) linearly to 0, though it
     # loads long_context's optimizer (whose param groups carry long_context's own schedule).
     lc_lrs = [r["lr"] for r in records if r["stage"] == "long_context" and "lr" in r]
