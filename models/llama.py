@@ -8,9 +8,6 @@ from __future__ import annotations
 
 from models.arch import Arch, RopeScaling
 
-# Kept for callers written before `Arch` covered every family (the planner builds Llama shapes with it).
-LlamaArch = Arch
-
 LLAMA3_VOCAB = 128_256
 
 
@@ -54,27 +51,3 @@ def sizes() -> dict[str, Arch]:
             max_position_embeddings=131_072,
         ),
     }
-
-
-SIZES: dict[str, dict[str, Arch]] = {"llama3": sizes()}
-
-
-def resolve_arch(family: str, size: str, **overrides: object) -> Arch:
-    """Kept for old imports: the one entry is `models.registry.resolve_arch`."""
-    from models.registry import resolve_arch as resolve
-
-    return resolve(family, size, **overrides)
-
-
-def build_model(arch: Arch, **kwargs):
-    """Kept for old imports: the model is built in one place, `models.gpt.build_model`."""
-    from models.gpt import build_model as build
-
-    return build(arch, **kwargs)
-
-
-def transformer_config(arch: Arch, **kwargs):
-    """Kept for old imports: `models.spec.transformer_config`."""
-    from models.spec import transformer_config as config
-
-    return config(arch, **kwargs)

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import math
 
-from models.llama import LlamaArch, llama_ffn_size
+from models.arch import Arch
+from models.llama import llama_ffn_size
 from parallel.plan.flops import PlanArch, param_count
 from train.errors import ConfigError
 
 TOLERANCE = 0.02  # the shape's parameter count is within 2% of the target
 
 
-def _shape(layers: int, hidden: int, *, kv_heads: int, ffn_multiplier: float, ffn_multiple: int) -> LlamaArch:
+def _shape(layers: int, hidden: int, *, kv_heads: int, ffn_multiplier: float, ffn_multiple: int) -> Arch:
     head_dim = 128 if hidden >= 512 and hidden % 128 == 0 else 64
     heads = hidden // head_dim
     kv = max(k for k in range(1, min(kv_heads, heads) + 1) if heads % k == 0)
@@ -24,7 +25,7 @@ def _shape(layers: int, hidden: int, *, kv_heads: int, ffn_multiplier: float, ff
     ffn = llama_ffn_size(
         hidden, multiplier=ffn_multiplier, multiple_of=ffn_multiple if hidden >= 1024 else 64
     )
-    return LlamaArch(layers, hidden, heads, kv, ffn)
+    return Arch(layers, hidden, heads, kv, ffn)
 
 
 def smallest_params(vocab_size: int) -> int:
@@ -43,7 +44,7 @@ def llama_shape(
     ffn_multiplier: float = 1.3,
     ffn_multiple: int = 256,
     tolerance: float = TOLERANCE,
-) -> LlamaArch:
+) -> Arch:
     """The shape whose total parameter count (embedding and LM head included) is within `tolerance` (2%) of
     `n_params`, closest to `aspect_ratio` among those."""
     smallest = param_count(
@@ -58,7 +59,7 @@ def llama_shape(
             "raise the budget or use a smaller vocabulary",
         )
 
-    def total(layers: int, hidden: int) -> tuple[int, LlamaArch]:
+    def total(layers: int, hidden: int) -> tuple[int, Arch]:
         arch = _shape(
             layers, hidden, kv_heads=kv_heads, ffn_multiplier=ffn_multiplier, ffn_multiple=ffn_multiple
         )
@@ -71,7 +72,7 @@ def llama_shape(
         for w in range(1024, 65_537, 128)
         if _shape(1, w, kv_heads=kv_heads, ffn_multiplier=1, ffn_multiple=64).num_kv_heads >= min(4, kv_heads)
     ]
-    best: tuple[float, float, float, LlamaArch] | None = None
+    best: tuple[float, float, float, Arch] | None = None
     for layers in range(1, 257):
         widths = [w for w in all_widths if aspect_ratio / 4 <= w / layers <= aspect_ratio * 4]
         if not widths:

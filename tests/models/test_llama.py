@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.llama import SIZES, build_model, llama_ffn_size, padded_vocab_size, resolve_arch
+from models.gpt import build_model
+from models.llama import llama_ffn_size, padded_vocab_size
+from models.registry import resolve_arch, sizes
 from train.errors import ConfigError
 
 
 def test_llama3_8b_size_is_the_published_one():
-    arch = SIZES["llama3"]["8B"]
+    arch = sizes("llama3")["8B"]
     assert arch.ffn_hidden_size == 14336 and arch.head_dim == 128 and arch.num_kv_heads == 8
     # Parameters with the 128,256-token vocabulary: 8.03B (Dubey et al. 2024).
     d, f, L, V, kv = 4096, 14336, 32, 128256, 8 * 128

@@ -17,7 +17,8 @@ def test_ddp_distributed_optimizer_step_on_cpu(megatron_world1):
     current_device shims unblock. One AdamW step must lower the loss on a fixed batch."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from models.llama import build_model, resolve_arch
+    from models.gpt import build_model
+    from models.registry import resolve_arch
     from parallel import engine
     from parallel.layout import ParallelLayout
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from models.llama import SIZES
+from models.registry import sizes
 from parallel.plan.flops import flops_per_token, mfu, param_count
 from parallel.plan.laws import (
     CHINCHILLA,
@@ -108,7 +108,7 @@ def test_budget_from_gpu_hours_and_bad_inputs():
     [("8B", 8_030_261_248), ("70B", 70_553_706_496), ("405B", 405_853_388_800)],
 )
 def test_param_count_matches_published_llama3(size, published):
-    assert param_count(SIZES["llama3"][size], vocab_size=LLAMA3_VOCAB).total == published
+    assert param_count(sizes("llama3")[size], vocab_size=LLAMA3_VOCAB).total == published
 
 
 def _megatron_reference(a, *, s, v):
@@ -128,7 +128,7 @@ def _megatron_reference(a, *, s, v):
 @pytest.mark.parametrize("size", ["8B", "70B", "405B"])
 @pytest.mark.parametrize("seq", [2048, 8192, 131072])
 def test_flops_per_token_conventions(size, seq):
-    a = SIZES["llama3"][size]
+    a = sizes("llama3")[size]
     meg = flops_per_token(a, seq_length=seq, vocab_size=LLAMA3_VOCAB, convention="megatron")
     assert meg == pytest.approx(_megatron_reference(a, s=seq, v=LLAMA3_VOCAB), rel=1e-12)
     n = param_count(a, vocab_size=LLAMA3_VOCAB)
@@ -141,13 +141,13 @@ def test_flops_per_token_conventions(size, seq):
 
 def test_mfu():
     # 8B at 8k on 8 H100s: 8 x 400 TFLOP/s achieved of 8 x 989.4 peak.
-    fpt = flops_per_token(SIZES["llama3"]["8B"], seq_length=8192, vocab_size=LLAMA3_VOCAB)
+    fpt = flops_per_token(sizes("llama3")["8B"], seq_length=8192, vocab_size=LLAMA3_VOCAB)
     tps = 8 * 400e12 / fpt
     assert mfu(tps, flops_per_token=fpt, peak_flops=8 * 989.4e12) == pytest.approx(400 / 989.4)
 
 
 def test_shape_for_llama3_8b_count_is_llama3_8b():
-    assert llama_shape(8_030_261_248, vocab_size=LLAMA3_VOCAB) == SIZES["llama3"]["8B"]
+    assert llama_shape(8_030_261_248, vocab_size=LLAMA3_VOCAB) == sizes("llama3")["8B"]
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from models.llama import SIZES
+from models.registry import sizes
 from parallel.plan.flops import PlanArch, as_plan_arch, flops_per_token, param_count
 from parallel.plan.hardware import DEVICES, budget_from_gpu_hours, peak_flops
 from train.errors import ConfigError
@@ -46,7 +46,7 @@ def test_deepseek_mla_moe_counts(arch, vocab, total, active):
 
 
 def test_llama_arch_converts_and_dense_active_equals_total():
-    a = as_plan_arch(SIZES["llama3"]["8B"])
+    a = as_plan_arch(sizes("llama3")["8B"])
     assert a.head_size == 128 and not a.is_moe and not a.is_mla
     n = param_count(a, vocab_size=128_256)
     assert n.active == n.total == 8_030_261_248 and n.experts == 0
@@ -79,10 +79,10 @@ def test_mla_score_widths():
 
 def test_llama3_405b_training_flops():
     # Dubey et al. 2024: 405B on 15.6T tokens (8k context) is 3.8e25 FLOPs; 6ND alone gives 3.80e25.
-    n = param_count(SIZES["llama3"]["405B"], vocab_size=128_256).total
+    n = param_count(sizes("llama3")["405B"], vocab_size=128_256).total
     assert 6 * n * 15.6e12 == pytest.approx(3.8e25, rel=0.005)
     # The Megatron count adds the attention and logits terms: ~4% more at 8k context.
-    f = flops_per_token(SIZES["llama3"]["405B"], seq_length=8192, vocab_size=128_256)
+    f = flops_per_token(sizes("llama3")["405B"], seq_length=8192, vocab_size=128_256)
     assert 1.02 < f / (6 * n) < 1.06
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.llama import SIZES, build_model
+from models.gpt import build_model
+from models.registry import sizes
 from parallel import engine
 from parallel.layout import ParallelLayout
 from parallel.plan.memory import Layout, memory_per_gpu
@@ -15,7 +16,7 @@ from parallel.plan.memory import Layout, memory_per_gpu
 @pytest.mark.slow  # builds megatron-core's model and optimizer (~15-40 s on a loaded 2-core machine)
 @pytest.mark.parametrize("micro_batch", [1, 2])
 def test_memory_model_matches_measured_cpu_bytes(megatron_world1, micro_batch):
-    arch, vocab, seq = SIZES["llama3"]["tiny"], 4096, 256
+    arch, vocab, seq = sizes("llama3")["tiny"], 4096, 256
     layout = ParallelLayout(nproc_per_node=1, micro_batch=micro_batch)
     model = build_model(arch, vocab_size=vocab, max_seq_length=seq)
     ddp = engine.wrap_ddp(model, layout)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from models.llama import SIZES
+from models.registry import sizes
 from parallel.plan.memory import (
     Layout,
     gpt_arch,
@@ -117,7 +117,7 @@ def test_gpt3_175b_matches_megatron_theoretical_memory(tp, pp, dp, m, vpp):
 
 
 def test_llama3_70b_on_h100_layouts():
-    arch = SIZES["llama3"]["70B"]
+    arch = sizes("llama3")["70B"]
     kw = {"vocab_size": 128_256, "seq_length": 8192, "num_microbatches": 16}
     # TP8 x PP4, DP 4, SP + selective, micro-batch 1: ~35 GB states + activations: fits an 80 GB H100.
     fits = memory_per_gpu(arch, Layout(tp=8, pp=4, dp=4, sp=True, recompute="selective"), **kw)

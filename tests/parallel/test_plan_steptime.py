@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from models.llama import SIZES
+from models.registry import sizes
 from parallel.plan.flops import flops_per_token
 from parallel.plan.memory import Layout
 from parallel.plan.steptime import Link, step_time
 
-A8B = SIZES["llama3"]["8B"]
+A8B = sizes("llama3")["8B"]
 V = 128_256
 H100 = Link(gpus_per_node=8, intra_gbps=450, inter_gbps=50)
 PEAK = 989.4e12

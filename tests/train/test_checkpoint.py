@@ -97,7 +97,7 @@ def test_bad_retention_is_a_config_error(key, value):
 
 def build_parts(arch, *, lr: float = 1e-2):
     """A world-of-one megatron model, optimizer and schedule, as the loop builds them."""
-    from models.llama import build_model
+    from models.gpt import build_model
     from parallel import engine
     from parallel.layout import ParallelLayout
     from train.schedule import build_scheduler
@@ -121,7 +121,7 @@ def build_parts(arch, *, lr: float = 1e-2):
 
 
 def tiny_arch():
-    from models.llama import resolve_arch
+    from models.registry import resolve_arch
 
     return resolve_arch("llama3", "tiny", num_layers=1, hidden_size=64, num_attention_heads=4, num_kv_heads=2)
 

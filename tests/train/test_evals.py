@@ -15,7 +15,8 @@ def char_tokenize(text: str) -> list[int]:
 
 
 def test_position_losses_are_token_weighted_bucket_means(megatron_world1):
-    from models.llama import build_model, resolve_arch
+    from models.gpt import build_model
+    from models.registry import resolve_arch
 
     torch.manual_seed(0)
     arch = resolve_arch("llama3", "tiny", num_layers=1, hidden_size=64, num_attention_heads=4, num_kv_heads=2)
