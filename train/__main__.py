@@ -4,6 +4,8 @@ Composes and validates the whole config before anything else happens. Then:
 - under torchrun (or Slurm's srun torchrun), or with a world of one: runs this rank;
 - otherwise: prepares the data once in this process, then starts
   `torchrun --standalone --nproc_per_node=<parallel.nproc_per_node> -m train <same overrides>`.
+Exit status: 0 done, 2 config or data refused, 3 stopped on a bad step (train/stability.py), 75 stopped on
+request with a checkpoint (train/signals.py; the ranks' own status, torchrun reports 1), else a failure.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from omegaconf import DictConfig
 
 from train.config import register, to_config
 from train.errors import ConfigError
+from train.stability import DIVERGED_EXIT_CODE, DIVERGED_FILE
 
 register()
 
@@ -48,7 +51,15 @@ def launch(cfg, overrides: list[str]) -> int:
     logging.getLogger("train").info("launching: %s", " ".join(cmd))
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.parallel.nproc_per_node)))
-    return subprocess.call(cmd, env=env)
+    diverged = os.path.join(cfg.run_dir, DIVERGED_FILE)  # torchrun exits 1 whatever its ranks' status
+    if os.path.exists(diverged):
+        os.remove(diverged)
+    code = subprocess.call(cmd, env=env)
+    if code and os.path.exists(diverged):
+        with open(diverged) as f:
+            print(f"kiln: diverged: {f.read().strip()}", file=sys.stderr)
+        return DIVERGED_EXIT_CODE
+    return code
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")

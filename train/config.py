@@ -21,6 +21,7 @@ from parallel.layout import ParallelLayout
 from train.checkpoint import CheckpointConfig, ResumeConfig
 from train.errors import ConfigError
 from train.schedule import SCHEDULES, WSD_DECAY_STYLES
+from train.stability import StabilityConfig, for_stage
 
 WANDB_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
@@ -115,6 +116,9 @@ class StageConfig:
     """After the stage, average the weights of its last this many checkpoints (the final one included) and
     save the result under <stage>/averaged (0: no averaging); the stage keeps at least this many checkpoints
     whatever checkpoint.keep_last says. Llama 3 does this at the end of annealing."""
+    stability: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the run's `stability` fields for this stage (train/stability.py), e.g.
+    `+recipe.stages.anneal.stability.policy=stop`; empty keeps the run's."""
 
     def arch(self, model: Arch) -> Arch:
         """The model architecture this stage trains: `model` with the stage's RoPE changes."""
@@ -383,6 +387,8 @@ class TrainConfig:
     """Retention (keep last K, every M tokens) and verification of checkpoints (train/checkpoint.py)."""
     resume: ResumeConfig = field(default_factory=ResumeConfig)
     """Config changes a resume may make on purpose (train/checkpoint.py check_resume)."""
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
+    """Loss-spike / NaN detection and what a bad step does: skip, rollback or stop (train/stability.py)."""
     experiment: str = "kiln"
     """Run directory is runs/<experiment>/<name>."""
     name: str = "${recipe.name}"
@@ -464,6 +470,20 @@ def _check_rope(name: str, stage: StageConfig, stages: dict[str, StageConfig], m
             )
 
 
+def _check_stability(name: str, stage: StageConfig, run: StabilityConfig) -> None:
+    """The stage's stability settings are valid; rollback needs checkpoints within the stage to go back to."""
+    key = f"recipe.stages.{name}"
+    policy = for_stage(run, stage.stability, key=f"{key}.stability").policy
+    if policy == "rollback" and not stage.save_every_tokens:
+        raise ConfigError(
+            f"{key}.save_every_tokens",
+            stage.save_every_tokens,
+            "stability.policy=rollback restores the stage's last checkpoint, and this stage saves none before "
+            f"its end; set save_every_tokens (e.g. {max(1, stage.steps // 10) * stage.batch_tokens}) or use "
+            "policy skip or stop",
+        )
+
+
 def validate(cfg: TrainConfig) -> None:
     if cfg.device not in DEVICES:
         raise ConfigError("device", cfg.device, f"choose one of {', '.join(DEVICES)}")
@@ -499,6 +519,7 @@ def validate(cfg: TrainConfig) -> None:
                 f"name an earlier stage ({', '.join(seen) or 'none before this one'}) or an existing checkpoint directory",
             )
         _check_rope(name, stage, stages, arch)
+        _check_stability(name, stage, cfg.stability)
         if stage.lr is None and stage.init_from is None:
             raise ConfigError(
                 f"recipe.stages.{name}.lr",

@@ -22,6 +22,7 @@ from train.average import average_into, last_checkpoints
 from train.config import StageConfig, TrainConfig
 from train.logs import MetricSinks, Progress, set_stage, set_step
 from train.schedule import build_scheduler
+from train.stability import Guard, for_stage, rollback
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ class StageResult:
     """Held-out loss of the averaged checkpoints (stage.average_last > 0), next to valid_end's last weights."""
     train_seconds: float = 0.0
     checkpoint: str = ""
+    stability_events: int = 0
+    """Bad steps (non-finite or spiking loss/grad norm) of the stage (train/stability.py)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -250,6 +253,8 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
     eval_every = stage.eval_every_tokens // stage.batch_tokens if stage.eval_every_tokens else 0
     save_every = stage.save_every_tokens // stage.batch_tokens if stage.save_every_tokens else 0
     params = [p for m in engine.modules for p in m.parameters() if p.requires_grad]
+    stability = for_stage(cfg.stability, stage.stability, key=f"recipe.stages.{name}.stability")
+    guard = Guard(stability, stage=name, device=run.device)
     for step in range(result.step, steps):
         set_step(step + 1)
         is_log = (step + 1) % cfg.logging.log_every_steps == 0 or step + 1 == steps
@@ -269,8 +274,9 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
             if is_log:
                 meter.before_update(params)
             with meter.phase("optimizer"):
-                grad_norm = engine.step()
-                scheduler.step(increment=stage.batch_tokens)
+                # After forward-backward, before the update: all ranks agree whether this step is bad.
+                grad_norm = engine.step(accept=lambda norm, s=step + 1, x=loss: guard.check(s, x, norm))
+                scheduler.step(increment=stage.batch_tokens)  # a skipped batch is consumed data too
         except torch.OutOfMemoryError as e:
             raise RuntimeError(
                 out_of_memory_message(
@@ -286,6 +292,25 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         meter.end_step()
         result.step, result.tokens, result.lr = step + 1, result.tokens + stage.batch_tokens, lr
         result.train_seconds += time.time() - t0
+        event = guard.event(grad_norm)
+        if event is not None:  # the update was not applied; the policy says what follows
+            loss, grad_norm = guard.loss, guard.grad_norm  # as every rank agreed
+            result.stability_events += 1
+            if event["action"] == "rollback":
+                event["checkpoint"] = rollback(
+                    directory,
+                    engine=engine,
+                    scheduler=scheduler,
+                    step=result.step,
+                    batch_tokens=stage.batch_tokens,
+                    full_verify=cfg.checkpoint.full_verify,
+                )
+                if event["checkpoint"] is None:
+                    event["action"] = "skip"  # nothing saved in the stage yet to go back to
+            run.sinks.write(event)
+            if event["action"] == "stop":
+                progress.close()
+                guard.stop(cfg.run_dir)
         result.train_loss = [result.train_loss[0] if result.train_loss else loss, loss]
         record = {
             "stage": name,

@@ -9,7 +9,8 @@ per-rank busy times and names ranks slower than the median by `straggler_factor`
 
 Record keys (all flat, numbers unless noted): tokens_per_s, tokens_per_s_per_gpu, tflops_per_gpu, mfu,
 time/{step,data_wait,forward_backward,grad_sync,optimizer} (seconds per step, window mean),
-mem/{peak_allocated_gb,peak_reserved_gb} (CUDA) or mem/rss_gb (CPU), update_ratio, param_norm,
+mem/{peak_allocated_gb,peak_reserved_gb} (CUDA) or mem/rss_gb (CPU), update_norm (||params after - before||
+of the logging step), update_ratio (update_norm / param_norm), param_norm,
 data/<source>/samples, data/<source>/fraction, eta/stage_s, eta/recipe_s, straggler/{ratio,slowest_rank}.
 """
 
@@ -203,7 +204,7 @@ class StageMetrics:
             d.partition_dim = getattr(p, "partition_dim", -1)
         self._before = None
         upd, norm = _param_norm(delta).sqrt().item(), _param_norm(params).sqrt().item()
-        return {"update_ratio": upd / norm if norm else float("nan"), "param_norm": norm}
+        return {"update_norm": upd, "update_ratio": upd / norm if norm else float("nan"), "param_norm": norm}
 
     # ------------------------------------------------------------------------------ stragglers
     def straggler_check(self, step: int) -> None:

@@ -65,6 +65,9 @@ def format_report(cfg: TrainConfig, results: list, *, sample: str) -> str:
             + " | ".join(valid)
             + f" | {r.tokens_per_s:,.0f} | {r.checkpoint} |"
         )
+    bad = [f"{r.stage} {r.stability_events}" for r in results if r.stability_events]
+    if bad:  # train/stability.py; each one is an {"event": "stability"} record in metrics.jsonl
+        lines += ["", f"Bad steps (not applied; policy stability.policy): {', '.join(bad)}"]
     lines += ["", f"Greedy sample (prompt {cfg.sample_prompt!r}):", "```", sample, "```"]
     return "\n".join(lines)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,7 @@ from train.config import TrainConfig
 from train.logs import MetricSinks, set_stage, setup_logging
 from train.loop import Run, StageResult, run_stage
 from train.report import format_report, greedy_sample, write_run_report
+from train.stability import DIVERGED_EXIT_CODE, DivergenceError
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,9 @@ def run(cfg: TrainConfig) -> list[StageResult]:
     )
     try:
         return _run(cfg, device)
+    except DivergenceError as e:  # stability: policy stop, or too many bad steps (train/stability.py)
+        log.error("diverged: %s", e)
+        sys.exit(DIVERGED_EXIT_CODE)
     finally:
         engine.destroy()
 

@@ -6,25 +6,47 @@ of the mean, so a flat, noiseless curve does not flag tiny wiggles). This is the
 for OLMo's spike monitoring; PaLM (Chowdhery et al. 2022, Sec. 5.1) handled spikes by restarting ~100 steps
 earlier and skipping the 200-500 batches around them, which is the `rollback` policy here.
 
+The loop (train/loop.py) hands `Guard.check` to the engine's `step(accept=...)`, which calls it after
+forward-backward and before the update: the loss and gradient norm are agreed over all ranks (non-finite on one
+rank is non-finite on every rank), so every rank takes the same decision, and a bad step is never applied.
 Policies: `skip` drops the bad step's update (the batch is consumed, no weights or optimizer moments change);
-`rollback` restores the last complete checkpoint and skips the data of the steps since it; `stop` saves
-nothing and ends the run with a clear error. Every policy escalates to `stop` after `max_events` bad steps
-in a stage, so a diverged run does not loop forever.
+`rollback` restores the stage's last complete checkpoint and goes on with the data after the bad batch (the
+steps since the checkpoint count as consumed data, and the LR schedule stays at the data position); `stop`
+ends the run with DivergenceError, whose ranks exit with DIVERGED_EXIT_CODE. Every policy escalates to `stop`
+after `max_events` bad steps in a stage, so a diverged run does not loop forever. Each bad step is a record
+`{"event": "stability", ...}` in metrics.jsonl.
+
+Drills: KILN_FAULT_NAN_AT_STEP=<step>[,<step>...] makes the loss of those steps (1-based, within a stage)
+read NaN on the last rank only, which exercises the agreement between ranks.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from collections import deque
 from dataclasses import dataclass, field
 
+import torch
+import torch.distributed as dist
+
 from train.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 POLICIES = ("skip", "rollback", "stop")
+DIVERGED_EXIT_CODE = 3
+"""Exit status of every rank (and of `python -m train`) when the run stopped on a bad step."""
+DIVERGED_FILE = "diverged.txt"
+"""In the run directory: the stop message, written by rank 0, read by the launcher (torchrun exits 1)."""
+FAULT_ENV = "KILN_FAULT_NAN_AT_STEP"
 
 
 @dataclass
 class StabilityConfig:
+    """`stability:` of the run; a stage overrides fields with `recipe.stages.<name>.stability`."""
+
     policy: str = "skip"
     """What a bad step (non-finite loss/grad norm, or a loss spike) does: skip, rollback or stop."""
     spike_sigmas: float = 6.0
@@ -88,10 +110,126 @@ class SpikeMonitor:
             return f"loss spike {loss:.4f} > {limit:.4f} (mean {mean:.4f}, std {std:.4f} over {n} steps)"
         return None
 
-    def action(self, reason: str, *, step: int) -> str:
-        """The policy's action for a bad step: 'skip' or 'rollback'; raises DivergenceError for stop."""
+    def action(self) -> str:
+        """The policy's action for one more bad step: skip, rollback, or stop (policy stop, or more than
+        max_events bad steps)."""
         self.events += 1
-        if self.cfg.policy == "stop" or self.events > self.cfg.max_events:
-            why = "policy stop" if self.cfg.policy == "stop" else f"more than {self.cfg.max_events} bad steps"
-            raise DivergenceError(f"step {step}: {reason}; stopping ({why})")
-        return self.cfg.policy
+        return "stop" if self.events > self.cfg.max_events else self.cfg.policy
+
+
+def fault_injected(step: int) -> bool:
+    """Drills: `KILN_FAULT_NAN_AT_STEP` lists this step and this is the last rank."""
+    steps = {s.strip() for s in os.environ.get(FAULT_ENV, "").split(",")}
+    return str(step) in steps and dist.get_rank() == dist.get_world_size() - 1
+
+
+def agree(values: list[float | None], device: torch.device) -> list[float | None]:
+    """The values with every one that is non-finite on any rank made NaN on all ranks (one all-reduce)."""
+    bad = torch.tensor(
+        [float(v is not None and not math.isfinite(v)) for v in values], dtype=torch.float32, device=device
+    )
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return [
+        v if v is None or not flag or not math.isfinite(v) else math.nan
+        for v, flag in zip(values, bad.tolist(), strict=True)
+    ]
+
+
+def for_stage(run: StabilityConfig, overrides: dict, *, key: str) -> StabilityConfig:
+    """The run's stability settings with a stage's overrides (`recipe.stages.<name>.stability`)."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(StabilityConfig)}
+    for name in overrides:
+        if name not in known:
+            raise ConfigError(f"{key}.{name}", overrides[name], f"no such field; fields are {sorted(known)}")
+    try:
+        return dataclasses.replace(run, **overrides)
+    except ConfigError as err:
+        raise ConfigError(err.key.replace("stability", key, 1), err.value, err.fix) from None
+
+
+def rollback(
+    directory: str, *, engine, scheduler, step: int, batch_tokens: int, full_verify: bool
+) -> str | None:
+    """Restore the stage's last complete checkpoint (weights, optimizer, RNG) and move the LR schedule on to
+    the data position `step`; returns the checkpoint, or None when the stage saved none yet."""
+    from train import checkpoint
+
+    path = checkpoint.latest(directory)
+    if path is None:
+        return None
+    state = checkpoint.load(path, engine=engine, scheduler=scheduler, full_verify=full_verify)
+    scheduler.step(increment=(step - state["step"]) * batch_tokens)
+    return path
+
+
+class Guard:
+    """One stage's detector: `check` before each update (all ranks, same answer), `event` after it."""
+
+    def __init__(self, cfg: StabilityConfig, *, stage: str, device: torch.device) -> None:
+        self.cfg, self.stage, self.device = cfg, stage, device
+        self.monitor = SpikeMonitor(cfg)
+        self.step, self.loss, self.grad_norm, self.reason = 0, math.nan, None, None
+
+    @property
+    def events(self) -> int:
+        return self.monitor.events
+
+    def check(self, step: int, loss: float, grad_norm: float | None) -> bool:
+        """Whether step `step` (1-based) may update the weights. `grad_norm` is None where the engine knows it
+        only after the update (DeepSpeed): `event` judges it then."""
+        if fault_injected(step):
+            loss = math.nan
+        self.loss, self.grad_norm = agree([loss, grad_norm], self.device)
+        self.step, self.reason = step, self.monitor.judge(self.loss, self.grad_norm)
+        return self.reason is None
+
+    def event(self, grad_norm: float | None) -> dict | None:
+        """After the step: its stability record (action skip, rollback or stop) when it was bad, else None."""
+        if self.reason is None and self.grad_norm is None and grad_norm is not None:
+            (self.grad_norm,) = agree([grad_norm], self.device)
+            if not math.isfinite(self.grad_norm):
+                self.monitor.history.pop()  # judged good on its loss alone
+                self.reason = f"non-finite gradient norm {self.grad_norm}"
+        if self.reason is None:
+            return None
+        action = self.monitor.action()
+        record = {
+            "stage": self.stage,
+            "step": self.step,
+            "event": "stability",
+            "reason": self.reason,
+            "action": action,
+            "stability/loss": self.loss,
+            "stability/grad_norm": self.grad_norm,
+            "stability/events": self.events,
+        }
+        log.warning(
+            "%s step %d: %s (loss %s, grad norm %s): %s (bad step %d of at most %d)",
+            self.stage,
+            self.step,
+            self.reason,
+            self.loss,
+            self.grad_norm,
+            action,
+            self.events,
+            self.cfg.max_events,
+        )
+        return record
+
+    def stop(self, run_dir: str) -> None:
+        """End the run on the last bad step: DivergenceError naming stage, step, loss and grad norm; rank 0
+        leaves the message in <run_dir>/diverged.txt for the launcher."""
+        why = "policy stop" if self.cfg.policy == "stop" else f"more than max_events={self.cfg.max_events}"
+        message = (
+            f"stage {self.stage!r} step {self.step}: {self.reason} (loss {self.loss}, grad norm "
+            f"{self.grad_norm}); stopping ({why}, {self.events} bad steps in the stage); exit code "
+            f"{DIVERGED_EXIT_CODE}. Its last checkpoint holds earlier weights: lower the LR, raise warmup or "
+            "clip_grad, or set stability.policy=skip/rollback"
+        )
+        if dist.get_rank() == 0:
+            os.makedirs(run_dir, exist_ok=True)
+            with open(os.path.join(run_dir, DIVERGED_FILE), "w") as f:
+                f.write(message + "\n")
+        raise DivergenceError(message)

@@ -2,7 +2,8 @@
 
 An engine owns the model (its chunks, wrappers and optimizer) and offers:
   forward_backward(micro_batches, seq_length=, forward_only=) -> token-mean loss over the global batch
-  zero_grad(); step() -> grad norm (before clipping) or None; train(); eval()
+  zero_grad(); step(accept=None) -> grad norm (before clipping) or None; train(); eval()
+                                      accept(grad norm or None) -> False: no update (train/stability.py)
   param_groups                        what the LR schedule (train/schedule.py) sets lr and weight decay on
   save_state(path, common); load_state(path, optimizer=) -> common     (train/checkpoint.py)
   modules                             the bare model chunks (for inspection and tests)

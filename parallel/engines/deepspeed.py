@@ -173,11 +173,24 @@ class DeepSpeedEngine:
         self.loss_breakdown = reduce_breakdown(pairs)
         return (total[0] / total[1]).item()
 
-    def step(self) -> float | None:
-        """The optimizer update at the gradient-accumulation boundary; the gradient norm before clipping."""
+    def step(self, accept: Callable[[float | None], bool] | None = None) -> float | None:
+        """The optimizer update at the gradient-accumulation boundary; the gradient norm before clipping.
+        DeepSpeed knows the norm only inside its step, so `accept(None)` (train/stability.py) decides before it
+        on the loss: when it says no, DeepSpeed's step runs its bookkeeping (micro/global step counts, zeroed
+        gradients) around a no-op of the torch AdamW it wraps, so no weight or Adam moment changes. A
+        non-finite gradient norm found inside the step (finite loss): ZeRO 1/2 skip that update themselves;
+        the loop records it as a bad step either way."""
         if not self.engine.is_gradient_accumulation_boundary():
             raise RuntimeError("DeepSpeed step() off the accumulation boundary: forward_backward was not run")
-        self.engine.step()
+        torch_optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        skip = accept is not None and not accept(None)
+        if skip:
+            torch_optimizer.step = lambda *args, **kwargs: None  # shadows the class's step for this call
+        try:
+            self.engine.step()
+        finally:
+            if skip:
+                del torch_optimizer.step
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else None
 

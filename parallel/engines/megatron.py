@@ -170,10 +170,29 @@ class MegatronEngine:
             dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
         return (total[0] / total[1]).item()
 
-    def step(self) -> float | None:
-        """One optimizer step (clips first); the gradient norm before clipping."""
-        _, grad_norm, _ = self.optimizer.step()
-        return float(grad_norm) if grad_norm is not None else None
+    def step(self, accept: Callable[[float | None], bool] | None = None) -> float | None:
+        """One optimizer step (clips first) unless `accept(grad norm)` says no (train/stability.py): then
+        nothing changes, weights nor Adam moments. The gradient norm before clipping. megatron-core's
+        ChainedOptimizer.step, split at the norm."""
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+        opt = self.optimizer
+        if opt.prepare_grads():  # inf/nan under fp16 loss scaling (not used here): megatron-core skips
+            return None
+        grad_norm = float(opt.get_grad_norm())
+        if accept is not None and not accept(grad_norm):
+            return grad_norm
+        for o in getattr(opt, "chained_optimizers", [opt]):
+            params = [] if getattr(o, "is_stub_optimizer", False) else o.get_parameters()
+            if o.config.clip_grad > 0.0 and params:
+                clip_grad_by_total_norm_fp32(
+                    params,
+                    max_norm=o.config.clip_grad,
+                    total_norm=grad_norm,
+                    use_decoupled_grad=o.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+                )
+        opt.step_with_ready_grads()
+        return grad_norm
 
     def state_bytes(self) -> dict[str, int]:
         """This rank's parameters, gradient buffers (fp32, full size: ZeRO-1 shards only the optimizer) and
