@@ -301,8 +301,6 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
                     directory,
                     engine=engine,
                     scheduler=scheduler,
-                    step=result.step,
-                    batch_tokens=stage.batch_tokens,
                     full_verify=cfg.checkpoint.full_verify,
                 )
                 if event["checkpoint"] is None:

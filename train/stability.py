@@ -149,18 +149,17 @@ def for_stage(run: StabilityConfig, overrides: dict, *, key: str) -> StabilityCo
         raise ConfigError(err.key.replace("stability", key, 1), err.value, err.fix) from None
 
 
-def rollback(
-    directory: str, *, engine, scheduler, step: int, batch_tokens: int, full_verify: bool
-) -> str | None:
-    """Restore the stage's last complete checkpoint (weights, optimizer, RNG) and move the LR schedule on to
-    the data position `step`; returns the checkpoint, or None when the stage saved none yet."""
+def rollback(directory: str, *, engine, scheduler, full_verify: bool) -> str | None:
+    """Restore the weights and optimizer state of the stage's last complete checkpoint; the LR schedule stays at
+    the data position (the scheduler's own state is not loaded). Returns the checkpoint, or None when the stage
+    saved none yet."""
     from train import checkpoint
 
     path = checkpoint.latest(directory)
     if path is None:
         return None
-    state = checkpoint.load(path, engine=engine, scheduler=scheduler, full_verify=full_verify)
-    scheduler.step(increment=(step - state["step"]) * batch_tokens)
+    checkpoint.load(path, engine=engine, full_verify=full_verify)
+    scheduler.step(increment=0)  # the loaded param groups carry the checkpoint's LR: set this step's again
     return path
 
 
