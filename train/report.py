@@ -67,7 +67,7 @@ def format_report(cfg: TrainConfig, results: list, *, sample: str) -> str:
         )
     bad = [f"{r.stage} {r.stability_events}" for r in results if r.stability_events]
     if bad:  # train/stability.py; each one is an {"event": "stability"} record in metrics.jsonl
-        lines += ["", f"Bad steps (not applied; policy stability.policy): {', '.join(bad)}"]
+        lines += ["", f"Bad steps (not applied; metrics.jsonl event=stability): {', '.join(bad)}"]
     lines += ["", f"Greedy sample (prompt {cfg.sample_prompt!r}):", "```", sample, "```"]
     return "\n".join(lines)
 

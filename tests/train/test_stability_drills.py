@@ -55,7 +55,7 @@ def test_skip_applies_no_update_and_finishes(skip_run):
     assert updates[1] == 0.0  # warm-up: the LR of step 1 is 0
     assert all(updates[s] > 0 for s in range(2, STEPS + 1) if s != 5)
     assert losses[STEPS] < losses[1] - 0.5  # and training went on
-    assert "Bad steps (not applied; policy stability.policy): base 1" in proc.stdout
+    assert "Bad steps (not applied; metrics.jsonl event=stability): base 1" in proc.stdout
 
 
 def test_rollback_restores_the_last_checkpoint_and_moves_on(skip_run, tmp_path, data_cache):
@@ -87,7 +87,7 @@ def test_stop_exits_with_its_code_and_names_stage_step_loss_grad_norm(tmp_path, 
     assert "kiln: diverged: stage 'base' step 3: non-finite loss nan (loss nan, grad norm " in proc.stderr
     assert "policy stop" in proc.stderr
     assert [(e["step"], e["action"]) for e in events] == [(3, "stop")]
-    assert max(train_losses(records, "base")) == 3  # nothing trained after it
+    assert max(train_losses(records, "base")) == 2  # step 3 is only its event: nothing trained after it
 
 
 def test_max_events_escalates_skip_to_stop(tmp_path, data_cache):
