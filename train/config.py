@@ -464,6 +464,44 @@ def _check_rope(name: str, stage: StageConfig, stages: dict[str, StageConfig], m
             )
 
 
+def _check_hf_init(cfg: TrainConfig, name: str, stage: StageConfig) -> None:
+    """A stage started from a Hugging Face folder (continued pre-training): same family and shapes as the
+    configured model, an explicit LR (a HF folder has no schedule to continue), and the checkpoint's own
+    tokenizer, so token ids mean what the weights learned."""
+    from models.hf import arch_from_hf, check_matches, is_hf_folder
+
+    if not is_hf_folder(stage.init_from):
+        return
+    key = f"recipe.stages.{name}"
+    import json
+
+    with open(os.path.join(stage.init_from, "config.json")) as f:
+        family, hf_arch = arch_from_hf(json.load(f))
+    if family != cfg.model.family:
+        raise ConfigError(
+            "model.family", cfg.model.family, f"{key}.init_from={stage.init_from} is a {family} checkpoint"
+        )
+    check_matches(stage.arch(cfg.model.arch()), hf_arch)
+    if stage.lr is None:
+        raise ConfigError(f"{key}.lr", None, "a Hugging Face init_from has no LR to continue; set lr")
+    if cfg.data.tokenizer.model_path is None:
+        raise ConfigError(
+            "data.tokenizer.model_path",
+            None,
+            f"{key}.init_from is a Hugging Face checkpoint: set its SentencePiece tokenizer "
+            f"(e.g. {os.path.join(stage.init_from, 'tokenizer.model')}) so token ids match its embeddings",
+        )
+    import sentencepiece
+
+    pieces = sentencepiece.SentencePieceProcessor(model_file=cfg.data.tokenizer.model_path).get_piece_size()
+    if pieces > hf_arch.vocab_size:
+        raise ConfigError(
+            "data.tokenizer.model_path",
+            cfg.data.tokenizer.model_path,
+            f"has {pieces} pieces but {stage.init_from} embeds {hf_arch.vocab_size}; use the checkpoint's tokenizer",
+        )
+
+
 def validate(cfg: TrainConfig) -> None:
     if cfg.device not in DEVICES:
         raise ConfigError("device", cfg.device, f"choose one of {', '.join(DEVICES)}")
@@ -499,6 +537,8 @@ def validate(cfg: TrainConfig) -> None:
                 f"name an earlier stage ({', '.join(seen) or 'none before this one'}) or an existing checkpoint directory",
             )
         _check_rope(name, stage, stages, arch)
+        if stage.init_from is not None and stage.init_from not in seen:
+            _check_hf_init(cfg, name, stage)
         if stage.lr is None and stage.init_from is None:
             raise ConfigError(
                 f"recipe.stages.{name}.lr",

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from data import blend
 from data.prepare import PreparedData
 from models.gpt import build_model
+from models.hf import is_hf_folder, load_hf_into
 from models.llama import padded_vocab_size
 from models.moe import expert_load_stats
 from parallel.engines import OptimSettings, build_engine, out_of_memory_message
@@ -113,6 +114,22 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         checkpoint.check_resume(resume, config_record, allow=cfg.resume.allow_config_change)
 
     dtype = torch.bfloat16 if run.device.type == "cuda" else torch.float32
+    hf_init = resume is None and init_path is not None and is_hf_folder(init_path)
+
+    def make_model(**engine_kwargs) -> torch.nn.Module:
+        model = build_model(
+            stage.arch(cfg.model.arch()),
+            vocab_size=run.vocab_size,
+            max_seq_length=stage.seq_length,
+            tp=layout.tp,
+            sp=layout.sp,
+            dtype=dtype,
+            **engine_kwargs,
+        )
+        if hf_init:  # before the engine wraps it: its fp32 main params / ZeRO shards are copied from these
+            load_hf_into(model, init_path)
+        return model
+
     peak_lr = stage.lr
     if resume is not None:
         peak_lr = checkpoint.read_state(resume)["peak_lr"]
@@ -121,15 +138,7 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
     # The engine (layout.engine) cuts the model into its stages, wraps it and owns the optimizer.
     engine = build_engine(
         layout,
-        build_model=lambda **engine_kwargs: build_model(
-            stage.arch(cfg.model.arch()),
-            vocab_size=run.vocab_size,
-            max_seq_length=stage.seq_length,
-            tp=layout.tp,
-            sp=layout.sp,
-            dtype=dtype,
-            **engine_kwargs,
-        ),
+        build_model=make_model,
         optim=OptimSettings(
             lr=peak_lr,
             min_lr=stage.min_lr,
@@ -181,6 +190,10 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
             )
         )
         log.info("resumed %s at step %d (%d tokens) from %s", name, result.step, result.tokens, resume)
+    elif hf_init:
+        log.info(
+            "initialized %s from the Hugging Face checkpoint %s (peak LR %.3g)", name, init_path, peak_lr
+        )
     elif init_path is not None:
         # Keep the previous stage's Adam moments when asked, never its schedule: its param groups carry
         # their own max_lr/min_lr, which megatron-core's scheduler would go on using.
