@@ -22,6 +22,7 @@ RUN = SMALL + [
     "parallel.micro_batch=2",
     "logging.wandb.mode=offline",
     f"logging.peak_tflops={PEAK_TFLOPS}",
+    "++logging.predicted={time/step: 0.25, mfu: 0.125}",  # as a config from python -m parallel.plan has it
     "recipe.stages.base.tokens=16384",  # 8 steps of 8 sequences x 256 tokens
     "recipe.stages.base.batch_tokens=2048",
     "recipe.stages.base.warmup_tokens=2048",
@@ -195,6 +196,7 @@ def test_report_renders_every_png_of_the_run(run1):
         "data_mix.png",
         "loss.png",
         "lr.png",
+        "planner.png",
         "position_loss.png",
         "step_time.png",
         "throughput.png",
@@ -205,9 +207,12 @@ def test_report_renders_every_png_of_the_run(run1):
     index = (report / "index.md").read_text()
     assert all(f"]({name})" in index for name in pngs)
     assert "| base | 8 | 16,384 |" in index
-    assert "Not recorded in this run: MoE expert load; Planner prediction vs measured." in index
+    assert "Not recorded in this run: MoE expert load." in index
     html = (report / "index.html").read_text()
-    assert html.count("<img ") == 6 and "<td>base</td>" in html
+    assert html.count("<img ") == 7 and "<td>base</td>" in html
+    # The run kept the planner's prediction (logging.predicted) for the report's comparison.
+    plan = json.loads((run1[0] / "plan.json").read_text())
+    assert plan == {"predicted": {"time/step": 0.25, "mfu": 0.125}}
 
 
 @pytest.mark.slow  # a second run
