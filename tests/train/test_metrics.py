@@ -281,3 +281,40 @@ def test_straggler_is_named_and_its_wait_shows_on_the_others(tmp_path, data_cach
         assert 0.25 < r["time/grad_sync"] < r["time/forward_backward"]
         assert r["tokens_per_s_per_gpu"] == pytest.approx(r["tokens_per_s"] / 2)
         assert r["eta/recipe_s"] == r["eta/stage_s"]  # only_stage: no later stage to wait for
+
+
+@pytest.mark.slow  # a MoE run (2 gloo ranks, 4 steps)
+def test_moe_run_logs_expert_load_per_layer_and_the_report_draws_it(tmp_path, data_cache):
+    """Mixtral-style tiny MoE (8 experts, top-2): every logging record holds each layer's expert load over
+    the window (models.moe.expert_load_stats, summed over the data-parallel ranks), and the report draws it."""
+    from PIL import Image
+
+    run_dir = tmp_path / "run"
+    run_train(
+        [
+            *SMALL,
+            "model=mixtral_tiny",
+            "parallel.micro_batch=1",
+            "only_stage=base",
+            "recipe.stages.base.tokens=8192",  # 4 steps
+            "recipe.stages.base.batch_tokens=2048",
+            "recipe.stages.base.warmup_tokens=0",
+            "logging.log_every_steps=2",
+            f"run_dir={run_dir}",
+            f"data.cache_dir={data_cache}",
+        ],
+        cwd=ROOT,
+    )
+    rows = intervals(read_metrics(run_dir))
+    assert [r["step"] for r in rows] == [2, 4]
+    experts = 8
+    for r in rows:
+        layers = sorted({k.split("/")[1] for k in r if k.startswith("moe/layer")})
+        assert layers == ["layer0", "layer1"]
+        for layer in layers:
+            low, high, entropy = (r[f"moe/{layer}/{k}"] for k in ("min", "max", "entropy"))
+            # Shares x E average to 1 over the experts: the least loaded is <= 1 <= the most loaded.
+            assert 0 <= low <= 1 <= high <= experts and 0 < entropy <= 1
+        assert r["moe/max"] == max(r["moe/layer0/max"], r["moe/layer1/max"])
+    png = run_dir / "report" / "expert_load.png"
+    assert Image.open(png).size == (800, 450) and png.stat().st_size > 10_000
