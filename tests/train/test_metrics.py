@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import struct
 import time
@@ -318,3 +319,31 @@ def test_moe_run_logs_expert_load_per_layer_and_the_report_draws_it(tmp_path, da
         assert r["moe/max"] == max(r["moe/layer0/max"], r["moe/layer1/max"])
     png = run_dir / "report" / "expert_load.png"
     assert Image.open(png).size == (800, 450) and png.stat().st_size > 10_000
+
+
+@pytest.mark.slow  # a run
+def test_inside_slurm_a_signal_lead_shorter_than_step_plus_checkpoint_is_named(tmp_path, data_cache):
+    """The first checkpoint of a job measures one step + one checkpoint write against
+    cluster.slurm.signal_lead_s; too short a lead is named in a warning (1 s here: a step and a save take
+    more on this machine), the default 60 s of cluster=local is not."""
+    args = [*SMALL, "parallel=single", "only_stage=base", "recipe.stages.base.tokens=4096",
+            "recipe.stages.base.batch_tokens=2048", "recipe.stages.base.warmup_tokens=0",
+            f"data.cache_dir={data_cache}"]  # fmt: skip
+    short = run_train(
+        [
+            *args,
+            f"run_dir={tmp_path}/a",
+            "cluster.slurm.signal_lead_s=1",
+            "model.num_layers=8",
+            "model.hidden_size=512",
+            "model.ffn_hidden_size=1408",
+        ],
+        cwd=ROOT,
+        env={"SLURM_JOB_ID": "77"},
+    )
+    (line,) = [ln for ln in short.stderr.splitlines() if "signal_lead_s=1:" in ln]
+    step, save = (float(x) for x in re.findall(r"\(([\d.]+) s\)", line))
+    assert step > 0 and save > 0 and step + save > 0.9  # > 1 s before rounding to 0.1 s
+    assert re.search(r"last checkpoint: set it to >= \d+$", line)
+    ok = run_train([*args, f"run_dir={tmp_path}/b"], cwd=ROOT, env={"SLURM_JOB_ID": "78"})
+    assert "signal_lead_s" not in ok.stderr
