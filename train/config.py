@@ -244,6 +244,10 @@ class LoggingConfig:
     """Gather per-rank step times every this many steps and warn about slow ranks (0 disables)."""
     straggler_factor: float = 1.5
     """A rank is a straggler when its busy step time exceeds the median across ranks by this factor."""
+    predicted: dict[str, float] = field(default_factory=dict)
+    """What the planner predicted for this run, by metric key (time/step, tokens_per_s, tokens_per_s_per_gpu,
+    mfu, mem/peak_allocated_gb); `python -m parallel.plan` writes it into the generated config, the run keeps
+    it as <run_dir>/plan.json and the report plots it against the measured values."""
 
     def __post_init__(self) -> None:
         if self.flops_convention not in ("megatron", "torchtitan"):
@@ -254,6 +258,11 @@ class LoggingConfig:
             raise ConfigError("logging.peak_tflops", self.peak_tflops, "must be > 0 TFLOP/s, or null")
         if self.straggler_every_steps < 0:
             raise ConfigError("logging.straggler_every_steps", self.straggler_every_steps, "must be >= 0")
+        for key, value in self.predicted.items():
+            if not value > 0:
+                raise ConfigError(
+                    f"logging.predicted.{key}", value, "must be > 0 (as the planner predicts it), or drop it"
+                )
         if self.straggler_factor <= 1:
             raise ConfigError(
                 "logging.straggler_factor", self.straggler_factor, "must be > 1 (e.g. 1.5 = 50% slower)"

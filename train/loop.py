@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -208,7 +209,12 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         cfg.checkpoint, keep_last=max(cfg.checkpoint.keep_last, stage.average_last)
     )
 
+    lead_checked = "SLURM_JOB_ID" not in os.environ or dist.get_rank() != 0
+    step_seconds = 0.0
+
     def save() -> None:
+        nonlocal lead_checked
+        start = time.time()
         result.checkpoint = checkpoint.path_for(directory, result.step)
         checkpoint.save(
             directory,
@@ -218,6 +224,11 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
             retention=retention,
             record=config_record,
         )
+        if not lead_checked and step_seconds:  # the first save after a step, inside a Slurm job (rank 0)
+            lead_checked = True
+            lead = cfg.cluster.slurm.signal_lead_s
+            if why := signals.lead_too_short(step_s=step_seconds, save_s=time.time() - start, lead_s=lead):
+                log.warning(why)
 
     steps = stage.steps
     train_ds = blend.train_dataset(
@@ -298,7 +309,8 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
             ) from e
         meter.end_step()
         result.step, result.tokens, result.lr = step + 1, result.tokens + stage.batch_tokens, lr
-        result.train_seconds += time.time() - t0
+        step_seconds = time.time() - t0
+        result.train_seconds += step_seconds
         result.train_loss = [result.train_loss[0] if result.train_loss else loss, loss]
         record = {
             "stage": name,

@@ -19,6 +19,7 @@ from train import checkpoint, signals
 from train.config import TrainConfig
 from train.logs import MetricSinks, set_stage, setup_logging
 from train.loop import Run, StageResult, run_stage
+from train.plots import write_prediction
 from train.report import format_report, greedy_sample, write_run_report
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ def _run(cfg: TrainConfig, device: torch.device) -> list[StageResult]:
         config=dataclasses.asdict(cfg),
         enabled=dist.get_rank() == 0,
     )
+    if cfg.logging.predicted and dist.get_rank() == 0:  # the planner's numbers, for the report
+        write_prediction(cfg.run_dir, cfg.logging.predicted)
     run = Run(cfg=cfg, device=device, prepared=prepared, vocab_size=tokenizer.vocab_size, sinks=sinks)
     log.info(
         "run %s: world %d (tp %d, dp %d), device %s, vocab %d (padded %d)",
