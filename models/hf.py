@@ -12,6 +12,7 @@ fused gated-MLP input ([gate; up]). `{e}` in a key stands for an expert index.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -487,9 +488,31 @@ def check_matches(model_arch: Arch, hf_arch: Arch) -> None:
             raise ConfigError(f"model.{name}", ours, f"the HF checkpoint has {theirs}")
 
 
+def is_hf_folder(path: str | Path) -> bool:
+    """A Hugging Face checkpoint folder: config.json next to model.safetensors (or its sharded index)."""
+    path = Path(path)
+    return (path / "config.json").is_file() and (
+        (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+    )
+
+
+_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.*)")
+
+
+def _chunk_key(model, key: str, layers: dict[int, int]) -> str | None:
+    """The key of global `key` in this pipeline chunk (layers renumbered from 0), or None if another chunk
+    holds it. megatron-core numbers each chunk's layers locally; `layer_number` is the global 1-based index."""
+    m = _LAYER.match(key)
+    if m is None:
+        return key
+    local = layers.get(int(m.group(1)))
+    return None if local is None else f"decoder.layers.{local}.{m.group(2)}"
+
+
 def load_hf_into(model, folder: str | Path) -> dict[str, int]:
-    """Load a HF checkpoint into `model` (a `KilnGPTModel`, possibly one TP/EP shard): checks config.json against
-    model.arch, converts, slices this rank's shard. Returns {"loaded": tensors, "vocab_rows": rows copied}."""
+    """Load a HF checkpoint into `model` (a `KilnGPTModel`, possibly one TP/EP shard or one pipeline chunk):
+    checks config.json against model.arch, converts, slices this rank's piece; every parameter of the model
+    must be covered. Returns {"loaded": tensors, "vocab_rows": rows copied}."""
     from models.shard import local_key, shard_for_rank
 
     folder = Path(folder)
@@ -497,15 +520,34 @@ def load_hf_into(model, folder: str | Path) -> dict[str, int]:
     check_matches(model.arch, hf_arch)
     full = from_hf_state(read_hf_state(folder), model.arch)
     own = model.state_dict()
+    params = dict(model.named_parameters())
+    layers = {layer.layer_number - 1: i for i, layer in enumerate(model.decoder.layers)}
+    embedding = "embedding.word_embeddings.weight"
+    if embedding in full and "output_layer.weight" not in full and embedding not in params:
+        # Tied embeddings at PP > 1: the last chunk holds its own copy of the embedding as the output layer.
+        full["output_layer.weight"] = full[embedding]
+    loaded: set[str] = set()
     vocab_rows = 0
     with torch.no_grad():
         for key, value in full.items():
-            local = shard_for_rank(model, key, value)
+            chunk_key = _chunk_key(model, key, layers)
+            if chunk_key is None or (chunk_key not in own and not _LAYER.match(chunk_key)):
+                continue  # another pipeline chunk's layer, or its embedding / final norm / output layer
+            local = shard_for_rank(model, chunk_key, value)
             if local is None:
                 continue
-            target = own[local_key(model, key)]
-            if key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            name = local_key(model, chunk_key)
+            target = own[name]
+            loaded.add(name)
+            if key in (embedding, "output_layer.weight"):
                 vocab_rows = local.shape[0]
+                if vocab_rows > target.shape[0]:
+                    raise ConfigError(
+                        f"hf checkpoint {key}",
+                        tuple(value.shape),
+                        f"its {vocab_rows} vocabulary rows do not fit the model's {target.shape[0]}: "
+                        "train on the checkpoint's own tokenizer (data.tokenizer.model_path)",
+                    )
                 target.zero_()
                 target[: local.shape[0]].copy_(local)
                 continue
@@ -514,4 +556,9 @@ def load_hf_into(model, folder: str | Path) -> dict[str, int]:
                     f"hf checkpoint {key}", tuple(local.shape), f"the model expects {tuple(target.shape)}"
                 )
             target.copy_(local)
-    return {"loaded": len(full), "vocab_rows": vocab_rows}
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ConfigError(
+            "hf checkpoint", str(folder), f"has no weights for {missing[:3]} ({len(missing)} parameters)"
+        )
+    return {"loaded": len(loaded), "vocab_rows": vocab_rows}

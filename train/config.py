@@ -248,6 +248,10 @@ class LoggingConfig:
     """Gather per-rank step times every this many steps and warn about slow ranks (0 disables)."""
     straggler_factor: float = 1.5
     """A rank is a straggler when its busy step time exceeds the median across ranks by this factor."""
+    predicted: dict[str, float] = field(default_factory=dict)
+    """What the planner predicted for this run, by metric key (time/step, tokens_per_s, tokens_per_s_per_gpu,
+    mfu, mem/peak_allocated_gb); `python -m parallel.plan` writes it into the generated config, the run keeps
+    it as <run_dir>/plan.json and the report plots it against the measured values."""
 
     def __post_init__(self) -> None:
         if self.flops_convention not in ("megatron", "torchtitan"):
@@ -258,6 +262,11 @@ class LoggingConfig:
             raise ConfigError("logging.peak_tflops", self.peak_tflops, "must be > 0 TFLOP/s, or null")
         if self.straggler_every_steps < 0:
             raise ConfigError("logging.straggler_every_steps", self.straggler_every_steps, "must be >= 0")
+        for key, value in self.predicted.items():
+            if not value > 0:
+                raise ConfigError(
+                    f"logging.predicted.{key}", value, "must be > 0 (as the planner predicts it), or drop it"
+                )
         if self.straggler_factor <= 1:
             raise ConfigError(
                 "logging.straggler_factor", self.straggler_factor, "must be > 1 (e.g. 1.5 = 50% slower)"
@@ -470,6 +479,44 @@ def _check_rope(name: str, stage: StageConfig, stages: dict[str, StageConfig], m
             )
 
 
+def _check_hf_init(cfg: TrainConfig, name: str, stage: StageConfig) -> None:
+    """A stage started from a Hugging Face folder (continued pre-training): same family and shapes as the
+    configured model, an explicit LR (a HF folder has no schedule to continue), and the checkpoint's own
+    tokenizer, so token ids mean what the weights learned."""
+    from models.hf import arch_from_hf, check_matches, is_hf_folder
+
+    if not is_hf_folder(stage.init_from):
+        return
+    key = f"recipe.stages.{name}"
+    import json
+
+    with open(os.path.join(stage.init_from, "config.json")) as f:
+        family, hf_arch = arch_from_hf(json.load(f))
+    if family != cfg.model.family:
+        raise ConfigError(
+            "model.family", cfg.model.family, f"{key}.init_from={stage.init_from} is a {family} checkpoint"
+        )
+    check_matches(stage.arch(cfg.model.arch()), hf_arch)
+    if stage.lr is None:
+        raise ConfigError(f"{key}.lr", None, "a Hugging Face init_from has no LR to continue; set lr")
+    if cfg.data.tokenizer.model_path is None:
+        raise ConfigError(
+            "data.tokenizer.model_path",
+            None,
+            f"{key}.init_from is a Hugging Face checkpoint: set its SentencePiece tokenizer "
+            f"(e.g. {os.path.join(stage.init_from, 'tokenizer.model')}) so token ids match its embeddings",
+        )
+    import sentencepiece
+
+    pieces = sentencepiece.SentencePieceProcessor(model_file=cfg.data.tokenizer.model_path).get_piece_size()
+    if pieces > hf_arch.vocab_size:
+        raise ConfigError(
+            "data.tokenizer.model_path",
+            cfg.data.tokenizer.model_path,
+            f"has {pieces} pieces but {stage.init_from} embeds {hf_arch.vocab_size}; use the checkpoint's tokenizer",
+        )
+
+
 def _check_stability(name: str, stage: StageConfig, run: StabilityConfig) -> None:
     """The stage's stability settings are valid; rollback needs checkpoints within the stage to go back to."""
     key = f"recipe.stages.{name}"
@@ -519,6 +566,8 @@ def validate(cfg: TrainConfig) -> None:
                 f"name an earlier stage ({', '.join(seen) or 'none before this one'}) or an existing checkpoint directory",
             )
         _check_rope(name, stage, stages, arch)
+        if stage.init_from is not None and stage.init_from not in seen:
+            _check_hf_init(cfg, name, stage)
         _check_stability(name, stage, cfg.stability)
         if stage.lr is None and stage.init_from is None:
             raise ConfigError(

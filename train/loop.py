@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -14,6 +15,7 @@ import torch.distributed as dist
 from data import blend
 from data.prepare import PreparedData
 from models.gpt import build_model
+from models.hf import is_hf_folder, load_hf_into
 from models.llama import padded_vocab_size
 from models.moe import expert_load_stats
 from parallel.engines import OptimSettings, build_engine, out_of_memory_message
@@ -116,6 +118,22 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         checkpoint.check_resume(resume, config_record, allow=cfg.resume.allow_config_change)
 
     dtype = torch.bfloat16 if run.device.type == "cuda" else torch.float32
+    hf_init = resume is None and init_path is not None and is_hf_folder(init_path)
+
+    def make_model(**engine_kwargs) -> torch.nn.Module:
+        model = build_model(
+            stage.arch(cfg.model.arch()),
+            vocab_size=run.vocab_size,
+            max_seq_length=stage.seq_length,
+            tp=layout.tp,
+            sp=layout.sp,
+            dtype=dtype,
+            **engine_kwargs,
+        )
+        if hf_init:  # before the engine wraps it: its fp32 main params / ZeRO shards are copied from these
+            load_hf_into(model, init_path)
+        return model
+
     peak_lr = stage.lr
     if resume is not None:
         peak_lr = checkpoint.read_state(resume)["peak_lr"]
@@ -124,15 +142,7 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
     # The engine (layout.engine) cuts the model into its stages, wraps it and owns the optimizer.
     engine = build_engine(
         layout,
-        build_model=lambda **engine_kwargs: build_model(
-            stage.arch(cfg.model.arch()),
-            vocab_size=run.vocab_size,
-            max_seq_length=stage.seq_length,
-            tp=layout.tp,
-            sp=layout.sp,
-            dtype=dtype,
-            **engine_kwargs,
-        ),
+        build_model=make_model,
         optim=OptimSettings(
             lr=peak_lr,
             min_lr=stage.min_lr,
@@ -184,6 +194,10 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
             )
         )
         log.info("resumed %s at step %d (%d tokens) from %s", name, result.step, result.tokens, resume)
+    elif hf_init:
+        log.info(
+            "initialized %s from the Hugging Face checkpoint %s (peak LR %.3g)", name, init_path, peak_lr
+        )
     elif init_path is not None:
         # Keep the previous stage's Adam moments when asked, never its schedule: its param groups carry
         # their own max_lr/min_lr, which megatron-core's scheduler would go on using.
@@ -198,7 +212,12 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         cfg.checkpoint, keep_last=max(cfg.checkpoint.keep_last, stage.average_last)
     )
 
+    lead_checked = "SLURM_JOB_ID" not in os.environ or dist.get_rank() != 0
+    step_seconds = 0.0
+
     def save() -> None:
+        nonlocal lead_checked
+        start = time.time()
         result.checkpoint = checkpoint.path_for(directory, result.step)
         checkpoint.save(
             directory,
@@ -208,6 +227,11 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
             retention=retention,
             record=config_record,
         )
+        if not lead_checked and step_seconds:  # the first save after a step, inside a Slurm job (rank 0)
+            lead_checked = True
+            lead = cfg.cluster.slurm.signal_lead_s
+            if why := signals.lead_too_short(step_s=step_seconds, save_s=time.time() - start, lead_s=lead):
+                log.warning(why)
 
     steps = stage.steps
     train_ds = blend.train_dataset(
@@ -291,7 +315,8 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
             ) from e
         meter.end_step()
         result.step, result.tokens, result.lr = step + 1, result.tokens + stage.batch_tokens, lr
-        result.train_seconds += time.time() - t0
+        step_seconds = time.time() - t0
+        result.train_seconds += step_seconds
         event = guard.event(grad_norm)
         if event is not None:  # the update was not applied; the policy says what follows
             loss, grad_norm = guard.loss, guard.grad_norm  # as every rank agreed

@@ -7,7 +7,8 @@ stage boundaries drawn as vertical lines.
 
 A planner prediction is read from `<run_dir>/plan.json`: `{"predicted": {<metric key>: value}}`, keyed by
 the metric names of train/metrics.py (e.g. "time/step", "mem/peak_allocated_gb", "tokens_per_s", "mfu");
-`write_prediction(run_dir, candidate)` writes it from a planner candidate.
+the run writes it at its start from `logging.predicted` (`write_prediction`), which the planner puts in the
+config it generates (`parallel.plan.emit.prediction`).
 """
 
 from __future__ import annotations
@@ -200,25 +201,14 @@ def plot_data_mix(records: list[dict], path: str) -> bool:
     return _save(fig, path)
 
 
-def prediction(candidate) -> dict[str, float]:
-    """The metrics a planner candidate (`parallel.plan.search.Candidate`) predicts, under the metric keys of
-    train/metrics.py: step time, tokens/s, MFU, and memory per GPU (GiB, as torch reports it)."""
-    return {
-        "time/step": candidate.time.total,
-        "tokens_per_s": candidate.tokens_per_s,
-        "tokens_per_s_per_gpu": candidate.tokens_per_s / candidate.layout.world,
-        "mfu": candidate.time.mfu,
-        "mem/peak_allocated_gb": candidate.memory.total / 2**30,
-    }
-
-
-def write_prediction(run_dir: str, candidate) -> str:
-    """Record what the planner predicted for this run as `<run_dir>/plan.json`, which the report compares
-    with what the run measured."""
+def write_prediction(run_dir: str, predicted: dict[str, float]) -> str:
+    """Record what the planner predicted for this run (`logging.predicted`, which `python -m parallel.plan`
+    writes into the generated config) as `<run_dir>/plan.json`, which the report compares with what the run
+    measured."""
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "plan.json")
     with open(path, "w") as f:
-        json.dump({"predicted": prediction(candidate)}, f, indent=1)
+        json.dump({"predicted": dict(predicted)}, f, indent=1)
     return path
 
 

@@ -13,12 +13,14 @@ import torch.distributed as dist
 
 from data.prepare import load_prepared, prepare_data, prepared_dir
 from data.tokenizer import load_tokenizer
+from models.hf import is_hf_folder
 from models.llama import padded_vocab_size
 from parallel import engine
 from train import checkpoint, signals
 from train.config import TrainConfig
 from train.logs import MetricSinks, set_stage, setup_logging
 from train.loop import Run, StageResult, run_stage
+from train.plots import write_prediction
 from train.report import format_report, greedy_sample, write_run_report
 from train.stability import DIVERGED_EXIT_CODE, DivergenceError
 
@@ -26,9 +28,12 @@ log = logging.getLogger(__name__)
 
 
 def init_checkpoint(cfg: TrainConfig, init_from: str | None) -> str | None:
-    """The checkpoint a stage starts from: the final checkpoint of an earlier stage, or a given directory."""
+    """The checkpoint a stage starts from: the final checkpoint of an earlier stage, a given Kiln checkpoint
+    directory, or a Hugging Face folder (config.json + safetensors)."""
     if init_from is None:
         return None
+    if init_from not in cfg.recipe.stages and is_hf_folder(init_from):
+        return init_from  # continued pre-training from a Hugging Face checkpoint (weights only)
     directory = checkpoint.stage_dir(cfg.run_dir, init_from) if init_from in cfg.recipe.stages else init_from
     if checkpoint.latest(checkpoint.averaged_dir(directory)) is not None:
         directory = checkpoint.averaged_dir(directory)  # a stage that averaged its checkpoints hands that on
@@ -77,6 +82,8 @@ def _run(cfg: TrainConfig, device: torch.device) -> list[StageResult]:
         config=dataclasses.asdict(cfg),
         enabled=dist.get_rank() == 0,
     )
+    if cfg.logging.predicted and dist.get_rank() == 0:  # the planner's numbers, for the report
+        write_prediction(cfg.run_dir, cfg.logging.predicted)
     run = Run(cfg=cfg, device=device, prepared=prepared, vocab_size=tokenizer.vocab_size, sinks=sinks)
     log.info(
         "run %s: world %d (tp %d, dp %d), device %s, vocab %d (padded %d)",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -57,6 +58,20 @@ def stop_requested(device: torch.device) -> bool:
     flag = torch.tensor([int(_local_request())], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
+
+
+def lead_too_short(*, step_s: float, save_s: float, lead_s: int) -> str | None:
+    """Why `cluster.slurm.signal_lead_s` is too short for this run, or None. After Slurm's USR1 the ranks finish
+    the step they are in and write a checkpoint; when that takes longer than the lead, the time limit kills the
+    job first and it loses the work since its last periodic checkpoint."""
+    need = step_s + save_s
+    if need <= lead_s:
+        return None
+    return (
+        f"cluster.slurm.signal_lead_s={lead_s}: one step ({step_s:.1f} s) + one checkpoint write ({save_s:.1f} s)"
+        f" take {need:.1f} s, longer than the lead; a job stopped at its time limit loses the work since its"
+        f" last checkpoint: set it to >= {math.ceil(2 * need)}"
+    )
 
 
 def stop(*, run_dir: str, max_restarts: int, stage: str, step: int, checkpoint: str) -> None:

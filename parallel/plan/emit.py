@@ -110,6 +110,19 @@ def model_fields(arch: PlanArch, *, seq_length: int) -> tuple[dict, str | None]:
     return out, None
 
 
+def prediction(candidate) -> dict[str, float]:
+    """The metrics a candidate (`parallel.plan.search.Candidate`) predicts, under the metric keys of
+    train/metrics.py: step time, tokens/s, MFU, and memory per GPU (GiB, as torch reports it). The generated
+    config carries them as `logging.predicted`; the run report draws them against the measured values."""
+    return {
+        "time/step": candidate.time.total,
+        "tokens_per_s": candidate.tokens_per_s,
+        "tokens_per_s_per_gpu": candidate.tokens_per_s / candidate.layout.world,
+        "mfu": candidate.time.mfu,
+        "mem/peak_allocated_gb": candidate.memory.total / 2**30,
+    }
+
+
 def writable(plan, candidate) -> str | None:
     """Why `candidate` of `plan` cannot be written as a run config (None when it can)."""
     _, why = parallel_fields(candidate.layout, gpus_per_node=plan.world // plan.nodes, nodes=plan.nodes)
@@ -144,6 +157,7 @@ def generated_yaml(plan, candidate, hp, *, configs_dir: str = "configs") -> str:
         "model": model,
         "parallel": par,
         "recipe": {"name": req.name, "stages": {"base": base}},
+        "logging": {"predicted": {k: float(f"{v:.4g}") for k, v in prediction(candidate).items()}},
     }
     if 256 < req.vocab_size <= 65_000:  # the tokenizer Kiln trains (uint16 token files)
         body["data"] = {"tokenizer": {"vocab_size": req.vocab_size}}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from parallel.plan.hardware import DEVICES, budget_from_gpu_hours  # noqa: F401
+from parallel.plan.hardware import budget_from_gpu_hours  # noqa: F401  (budgets in GPU-hours, re-exported)
 from train.errors import ConfigError
 
 # Hoffmann et al. 2022, Table 3 (Approach 1): (parameters, training FLOPs, training tokens).
@@ -138,7 +138,3 @@ def overtrained(flops: float, *, tokens_per_param: float, loss_law: ParametricLa
         n_tokens=d,
         loss=loss_law.loss(n, d),
     )
-
-
-# Budgets from GPU-hours live with the device table (hardware.py); re-exported here for callers of the first API.
-PEAK_BF16_FLOPS = {name: dev.peak["bf16"] for name, dev in DEVICES.items() if name != "cpu"}

@@ -56,3 +56,37 @@ def test_memory_model_matches_measured_cpu_bytes(megatron_world1, micro_batch):
     measured = sum(saved.values())
     print(f"activations: predicted {predicted.activations:.0f} B, measured {measured} B")
     assert predicted.activations == pytest.approx(measured, rel=0.05)
+
+
+def test_planner_state_bytes_equal_the_formula_the_parity_runs_measure():
+    """tests/parallel/test_parity.py measures each rank's parameter, gradient and optimizer bytes in 2- and
+    4-process runs (DP, ZeRO, TP, SP, PP, VPP, DeepSpeed 1-3) against `ParallelLayout.model_state_bytes`
+    within 5%; the planner's memory model gives the same bytes for every one of those dense layouts, so it
+    is held to the measured per-rank bytes too (MoE: see test_moe_expert_parallel_shards_experts)."""
+    from models.registry import resolve_arch
+    from tests.parallel import parity_worker as W
+    from tests.parallel.test_parity import FOUR, TWO
+
+    arch = resolve_arch("llama3", "tiny", **W.ARCH)
+    params = 180_800  # the parity model: 2 x 256 x 64 embedding/output + 4 layers + final norm
+    checked = 0
+    for nproc, layouts in ((2, TWO), (4, FOUR)):
+        for name, spec in layouts.items():
+            if spec.get("moe"):
+                continue
+            spec = spec.get("resume_as", {k: v for k, v in spec.items() if k != "resume_at"})
+            run = ParallelLayout(nproc_per_node=nproc, **spec)
+            expected = run.model_state_bytes(params, embedding_params=W.VOCAB * W.ARCH["hidden_size"])
+            layout = Layout(
+                tp=run.tp, pp=run.pp, dp=run.dp_size, vpp=run.vpp, sp=run.sp, micro_batch=W.MICRO,
+                engine=run.engine, zero=run.zero_stage, recompute=run.recompute,
+            )  # fmt: skip
+            got = memory_per_gpu(
+                arch, layout, vocab_size=W.VOCAB, seq_length=W.SEQ, num_microbatches=1, precision="fp32",
+                kernels="local",
+            )  # fmt: skip
+            assert (got.weights, got.grads, got.optimizer) == pytest.approx(
+                (expected["params"], expected["grads"], expected["optimizer"]), rel=1e-9
+            ), name
+            checked += 1
+    assert checked == 21

@@ -104,11 +104,27 @@ def test_generated_config_composes_and_validates_as_the_plan(tmp_path):
     assert list(cfg.recipe.stages) == ["base"] and cfg.run_dir == f"runs/kiln/{name}"
     assert (base.tokens, base.batch_tokens, base.seq_length) == (hp.tokens, hp.batch_tokens, 256)
     assert base.lr == pytest.approx(hp.lr, rel=1e-3) and cfg.data.tokenizer.vocab_size == 4096
+    # The plan's predictions travel with the config, for the run report's predicted-vs-measured plot.
+    from parallel.plan.emit import prediction
+
+    expected = prediction(chosen)
+    assert cfg.logging.predicted == pytest.approx(expected, rel=1e-3)
+    assert cfg.logging.predicted["time/step"] == pytest.approx(chosen.time.total, rel=1e-3)
 
 
 def test_shipped_generated_example_composes():
     cfg = _compose_generated("tiny_cpu")
     assert cfg.recipe.name == "tiny_cpu" and cfg.cluster.name == "local"
+    assert set(cfg.logging.predicted) == {
+        "time/step", "tokens_per_s", "tokens_per_s_per_gpu", "mfu", "mem/peak_allocated_gb"
+    }  # fmt: skip
+
+
+def test_a_prediction_that_is_not_positive_is_refused():
+    from train.config import LoggingConfig
+
+    with pytest.raises(ConfigError, match=r"logging.predicted.time/step=0.0: must be > 0"):
+        LoggingConfig(predicted={"time/step": 0.0})
 
 
 @pytest.mark.parametrize("example", sorted(p.stem for p in (ROOT / "configs" / "plan").glob("*.yaml")))

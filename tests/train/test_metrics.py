@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import struct
 import time
@@ -22,6 +23,7 @@ RUN = SMALL + [
     "parallel.micro_batch=2",
     "logging.wandb.mode=offline",
     f"logging.peak_tflops={PEAK_TFLOPS}",
+    "++logging.predicted={time/step: 0.25, mfu: 0.125}",  # as a config from python -m parallel.plan has it
     "recipe.stages.base.tokens=16384",  # 8 steps of 8 sequences x 256 tokens
     "recipe.stages.base.batch_tokens=2048",
     "recipe.stages.base.warmup_tokens=2048",
@@ -195,6 +197,7 @@ def test_report_renders_every_png_of_the_run(run1):
         "data_mix.png",
         "loss.png",
         "lr.png",
+        "planner.png",
         "position_loss.png",
         "step_time.png",
         "throughput.png",
@@ -205,9 +208,12 @@ def test_report_renders_every_png_of_the_run(run1):
     index = (report / "index.md").read_text()
     assert all(f"]({name})" in index for name in pngs)
     assert "| base | 8 | 16,384 |" in index
-    assert "Not recorded in this run: MoE expert load; Planner prediction vs measured." in index
+    assert "Not recorded in this run: MoE expert load." in index
     html = (report / "index.html").read_text()
-    assert html.count("<img ") == 6 and "<td>base</td>" in html
+    assert html.count("<img ") == 7 and "<td>base</td>" in html
+    # The run kept the planner's prediction (logging.predicted) for the report's comparison.
+    plan = json.loads((run1[0] / "plan.json").read_text())
+    assert plan == {"predicted": {"time/step": 0.25, "mfu": 0.125}}
 
 
 @pytest.mark.slow  # a second run
@@ -276,3 +282,68 @@ def test_straggler_is_named_and_its_wait_shows_on_the_others(tmp_path, data_cach
         assert 0.25 < r["time/grad_sync"] < r["time/forward_backward"]
         assert r["tokens_per_s_per_gpu"] == pytest.approx(r["tokens_per_s"] / 2)
         assert r["eta/recipe_s"] == r["eta/stage_s"]  # only_stage: no later stage to wait for
+
+
+@pytest.mark.slow  # a MoE run (2 gloo ranks, 4 steps)
+def test_moe_run_logs_expert_load_per_layer_and_the_report_draws_it(tmp_path, data_cache):
+    """Mixtral-style tiny MoE (8 experts, top-2): every logging record holds each layer's expert load over
+    the window (models.moe.expert_load_stats, summed over the data-parallel ranks), and the report draws it."""
+    from PIL import Image
+
+    run_dir = tmp_path / "run"
+    run_train(
+        [
+            *SMALL,
+            "model=mixtral_tiny",
+            "parallel.micro_batch=1",
+            "only_stage=base",
+            "recipe.stages.base.tokens=8192",  # 4 steps
+            "recipe.stages.base.batch_tokens=2048",
+            "recipe.stages.base.warmup_tokens=0",
+            "logging.log_every_steps=2",
+            f"run_dir={run_dir}",
+            f"data.cache_dir={data_cache}",
+        ],
+        cwd=ROOT,
+    )
+    rows = intervals(read_metrics(run_dir))
+    assert [r["step"] for r in rows] == [2, 4]
+    experts = 8
+    for r in rows:
+        layers = sorted({k.split("/")[1] for k in r if k.startswith("moe/layer")})
+        assert layers == ["layer0", "layer1"]
+        for layer in layers:
+            low, high, entropy = (r[f"moe/{layer}/{k}"] for k in ("min", "max", "entropy"))
+            # Shares x E average to 1 over the experts: the least loaded is <= 1 <= the most loaded.
+            assert 0 <= low <= 1 <= high <= experts and 0 < entropy <= 1
+        assert r["moe/max"] == max(r["moe/layer0/max"], r["moe/layer1/max"])
+    png = run_dir / "report" / "expert_load.png"
+    assert Image.open(png).size == (800, 450) and png.stat().st_size > 10_000
+
+
+@pytest.mark.slow  # a run
+def test_inside_slurm_a_signal_lead_shorter_than_step_plus_checkpoint_is_named(tmp_path, data_cache):
+    """The first checkpoint of a job measures one step + one checkpoint write against
+    cluster.slurm.signal_lead_s; too short a lead is named in a warning (1 s here: a step and a save take
+    more on this machine), the default 60 s of cluster=local is not."""
+    args = [*SMALL, "parallel=single", "only_stage=base", "recipe.stages.base.tokens=4096",
+            "recipe.stages.base.batch_tokens=2048", "recipe.stages.base.warmup_tokens=0",
+            f"data.cache_dir={data_cache}"]  # fmt: skip
+    short = run_train(
+        [
+            *args,
+            f"run_dir={tmp_path}/a",
+            "cluster.slurm.signal_lead_s=1",
+            "model.num_layers=8",
+            "model.hidden_size=512",
+            "model.ffn_hidden_size=1408",
+        ],
+        cwd=ROOT,
+        env={"SLURM_JOB_ID": "77"},
+    )
+    (line,) = [ln for ln in short.stderr.splitlines() if "signal_lead_s=1:" in ln]
+    step, save = (float(x) for x in re.findall(r"\(([\d.]+) s\)", line))
+    assert step > 0 and save > 0 and step + save > 0.9  # > 1 s before rounding to 0.1 s
+    assert re.search(r"last checkpoint: set it to >= \d+$", line)
+    ok = run_train([*args, f"run_dir={tmp_path}/b"], cwd=ROOT, env={"SLURM_JOB_ID": "78"})
+    assert "signal_lead_s" not in ok.stderr

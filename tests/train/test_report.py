@@ -131,6 +131,7 @@ def test_cli_names_a_directory_without_metrics(tmp_path, capsys):
 
 
 def test_planner_candidate_becomes_the_prediction_the_report_compares(tmp_path):
+    from parallel.plan.emit import prediction
     from parallel.plan.memory import Layout, Memory
     from parallel.plan.search import Candidate
     from parallel.plan.steptime import StepTime
@@ -146,7 +147,7 @@ def test_planner_candidate_becomes_the_prediction_the_report_compares(tmp_path):
         ),
         time=StepTime(compute=1.5, bubble=0, tp=0.3, ep=0, cp=0, pp=0, dp=0.2, model_flops=6e15, peak=8e15),
     )
-    write_prediction(str(tmp_path), candidate)
+    write_prediction(str(tmp_path), prediction(candidate))
     predicted = json.loads((tmp_path / "plan.json").read_text())["predicted"]
     assert predicted == {
         "time/step": 2.0,

@@ -74,3 +74,12 @@ def test_inside_slurm_requeues_until_max_restarts(handlers, tmp_path, monkeypatc
 class _Done:
     returncode = 0
     stderr = ""
+
+
+def test_lead_too_short_names_the_key_the_times_and_a_value():
+    assert signals.lead_too_short(step_s=20.0, save_s=30.0, lead_s=60) is None
+    why = signals.lead_too_short(step_s=29.3, save_s=41.2, lead_s=60)
+    assert why == (
+        "cluster.slurm.signal_lead_s=60: one step (29.3 s) + one checkpoint write (41.2 s) take 70.5 s, longer "
+        "than the lead; a job stopped at its time limit loses the work since its last checkpoint: set it to >= 141"
+    )
