@@ -432,21 +432,45 @@ def read_hf_state(folder: str | Path) -> dict[str, torch.Tensor]:
 
 
 def save_hf(
-    state: dict[str, torch.Tensor], arch: Arch, folder: str | Path, *, family: str, vocab_size: int
+    state: dict[str, torch.Tensor],
+    arch: Arch,
+    folder: str | Path,
+    *,
+    family: str,
+    vocab_size: int,
+    max_shard_bytes: int | None = None,
+    config_extra: dict | None = None,
 ) -> Path:
-    """Write `state` (our full state dict) as model.safetensors + config.json in `folder`."""
+    """Write `state` (our full state dict) as safetensors + config.json in `folder`: one model.safetensors, or,
+    when the tensors exceed `max_shard_bytes`, HF's sharded layout (model-00001-of-0000N.safetensors, ... and
+    model.safetensors.index.json mapping each tensor to its file). `config_extra` adds to config.json (token ids)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(
-        to_hf_state(state, arch, vocab_size=vocab_size),
-        str(folder / "model.safetensors"),
-        metadata={"format": "pt"},
-    )
-    (folder / "config.json").write_text(
-        json.dumps(hf_config(arch, family=family, vocab_size=vocab_size), indent=2)
-    )
+    hf = to_hf_state(state, arch, vocab_size=vocab_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in hf.items():  # in table order: a layer's tensors stay together
+        nbytes = t.numel() * t.element_size()
+        if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_file(hf, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, part in enumerate(shards, start=1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(part, str(folder / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(part, name))
+        total = sum(t.numel() * t.element_size() for t in hf.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config = hf_config(arch, family=family, vocab_size=vocab_size) | (config_extra or {})
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
 
 
