@@ -267,6 +267,47 @@ def _rope_from_hf(cfg: dict) -> tuple[float, RopeScaling]:
     return theta, RopeScaling(**fields)
 
 
+def check_exportable(arch: Arch, family: str) -> None:
+    """Raise ConfigError naming the first feature of `arch` that the family's `transformers` model does not compute
+    (its outputs would differ from Kiln's), e.g. DeepseekV2's router never renormalizes the top-k weights."""
+    gemma = family == "gemma2"
+    moe = arch.moe
+    rows = [
+        ("qkv_bias", arch.qkv_bias, arch.qkv_bias and family != "qwen2"),
+        ("activation", arch.activation, (arch.activation == "geglu") != gemma),
+        ("sandwich_norm", arch.sandwich_norm, arch.sandwich_norm != gemma),
+        ("norm_zero_centered", arch.norm_zero_centered, arch.norm_zero_centered != gemma),
+        ("embedding_scale", arch.embedding_scale, arch.embedding_scale != gemma),
+        ("attn_softcap", arch.attn_softcap, arch.attn_softcap is not None and not gemma),
+        ("final_softcap", arch.final_softcap, arch.final_softcap is not None and not gemma),
+        (
+            "sliding_window",
+            arch.sliding_window,
+            arch.sliding_window is not None and family in ("llama3", "deepseek_v2"),
+        ),
+        ("window_every", arch.window_every, arch.window_every != (2 if gemma else 1) and arch.sliding_window),
+        ("moe", moe, moe is not None and family not in ("mixtral", "deepseek_v2")),
+        ("mla", arch.mla, arch.mla is not None and family != "deepseek_v2"),
+    ]
+    if moe is not None:
+        rows += [
+            ("moe.score_function", moe.score_function, moe.score_function != "softmax"),
+            ("moe.expert_bias", moe.expert_bias, moe.expert_bias),
+            ("moe.capacity_factor", moe.capacity_factor, moe.capacity_factor is not None),
+            # Mixtral always renormalizes the top-k weights, DeepseekV2 never does.
+            ("moe.norm_topk_prob", moe.norm_topk_prob, moe.norm_topk_prob != (family == "mixtral")),
+        ]
+    for key, value, bad in rows:
+        if bad:
+            name = HF_ARCHITECTURES[family][0]
+            raise ConfigError(
+                f"model.{key}",
+                value,
+                f"transformers' {name} does not compute this (it would give other outputs than the Kiln "
+                f"{family} model); export it with --format torch, or train with the setting transformers has",
+            )
+
+
 def hf_config(arch: Arch, *, family: str, vocab_size: int) -> dict:
     """The config.json of `arch` for `transformers`."""
     if family not in HF_ARCHITECTURES:
@@ -446,6 +487,7 @@ def save_hf(
     model.safetensors.index.json mapping each tensor to its file). `config_extra` adds to config.json (token ids)."""
     from safetensors.torch import save_file
 
+    check_exportable(arch, family)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     hf = to_hf_state(state, arch, vocab_size=vocab_size)

@@ -356,6 +356,8 @@ def write_tokenizer(tokenizer_path: str, folder: Path, *, max_length: int) -> di
         "add_bos_token": False,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
+        # Text that spells a special token ("<eod>") is text, as for sentencepiece: ids are identical.
+        "split_special_tokens": True,
         **{k: v for k, v in specials.items() if v is not None},
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
@@ -448,6 +450,10 @@ def export(
     out = Path(out)
     _check_out(out, force)
     source = read_source(path, family=family)
+    if fmt == "hf":
+        from models.hf import check_exportable
+
+        check_exportable(source.arch, source.family)  # before the weights are read
     tokenizer_path = find_tokenizer(source, tokenizer)
     state = load_weights(source)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,12 +21,13 @@ from train.export import export, main, read_torch
 
 ROOT = Path(__file__).resolve().parents[2]
 FAMILIES = {  # family -> its tiny model config
-    "llama3": "llama_tiny",
-    "mistral": "mistral_tiny",
-    "mixtral": "mixtral_tiny",
-    "qwen2": "qwen2_tiny",
-    "gemma2": "gemma2_tiny",
-    "deepseek_v2": "deepseek_v2_tiny",
+    "llama3": ["model=llama_tiny"],
+    "mistral": ["model=mistral_tiny"],
+    "mixtral": ["model=mixtral_tiny"],
+    "qwen2": ["model=qwen2_tiny"],
+    "gemma2": ["model=gemma2_tiny"],
+    # DeepseekV2's router never renormalizes the top-k weights (Kiln's tiny does; refused: bad-input test)
+    "deepseek_v2": ["model=deepseek_v2_tiny", "+model.extra.moe={norm_topk_prob: false}"],
 }
 TOL = 1e-4
 PROMPT, NEW_TOKENS = 24, 16
@@ -84,11 +85,13 @@ def _kiln_outputs(model, vocab: int, prompt: torch.Tensor) -> dict:
 
 _HF_CHECK = """
 import json, sys, torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 new_tokens, *folders = sys.argv[1:]
 for folder in folders:
     model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(folder)
+    # transformers 5 swaps in Qwen2Tokenizer (byte-level) for model_type qwen2 whatever tokenizer_config says
+    qwen2 = json.load(open(folder + "/config.json"))["model_type"] == "qwen2"
+    tok = (PreTrainedTokenizerFast if qwen2 else AutoTokenizer).from_pretrained(folder)
     prompt = torch.load(folder + "/../prompt.pt")
     with torch.no_grad():
         logits = model(input_ids=prompt).logits
@@ -110,11 +113,11 @@ def test_every_family_exports_to_transformers(tmp_path, tokenizer_model, megatro
     expected_ids = spm.SentencePieceProcessor(model_file=tokenizer_model).encode(SAMPLE)
     prompt = torch.randint(2, vocab, (1, PROMPT), generator=torch.Generator().manual_seed(0))
     folders, kiln = [], {}
-    for family, model_cfg in FAMILIES.items():
+    for family, model_overrides in FAMILIES.items():
         case = tmp_path / family
         (case / "train").mkdir(parents=True)
         monkeypatch.chdir(case / "train")  # run_dir and data cache relative to here, as `python -m train`
-        cfg, model, path = _run(case, tokenizer_model, [f"model={model_cfg}", "parallel=single"])
+        cfg, model, path = _run(case, tokenizer_model, [*model_overrides, "parallel=single"])
         kiln[family] = _kiln_outputs(model, vocab, prompt)
         monkeypatch.chdir(tmp_path)
         stage_dir = str(case / "train" / checkpoint.stage_dir(cfg.run_dir, "base"))
@@ -181,10 +184,8 @@ def _fake_checkpoint(directory: Path, record: dict, *, complete: bool = True) ->
     return path
 
 
-def _record(**changes) -> dict:
-    from train import checkpoint
-
-    cfg = worker.compose([], vocab_size=400)
+def _record(overrides: list[str] | None = None, **changes) -> dict:
+    cfg = worker.compose(overrides or [], vocab_size=400)
     return {**checkpoint.resume_record(cfg, "base"), **changes}
 
 
@@ -205,6 +206,10 @@ def test_bad_input_is_refused_with_exit_code_2_and_nothing_written(tmp_path, cap
     odd = _fake_checkpoint(tmp_path / "odd", _record(**{"model.family": "gpt5"}))
     err = _refused(capsys, str(odd), "--out", str(out))
     assert "model.family='gpt5': unknown family; choose one of llama3, mistral, mixtral" in err
+    deepseek = _fake_checkpoint(tmp_path / "deepseek", _record(["model=deepseek_v2_tiny"]))
+    err = _refused(capsys, str(deepseek), "--out", str(out))
+    assert "model.moe.norm_topk_prob=True: transformers' DeepseekV2ForCausalLM does not compute this" in err
+    assert "--format torch" in err
     old = _record()
     del old["model.family"]
     old_path = _fake_checkpoint(tmp_path / "old", old)
