@@ -328,3 +328,18 @@ def test_deepspeed_zero3_checkpoint_is_consolidated(tmp_path, tokenizer_model, m
     assert state.keys() == reference.keys()
     for key, value in reference.items():
         assert torch.equal(state[key], value), key
+
+
+def test_checkpoints_record_the_family_and_older_ones_still_resume(tmp_path):
+    from train.errors import ConfigError
+
+    record = checkpoint.resume_record(worker.compose(["model=qwen2_tiny"], vocab_size=400), "base")
+    assert record["model.family"] == "qwen2"
+    path = tmp_path / "step_000001"
+    path.mkdir()
+    older = {k: v for k, v in record.items() if k != "model.family"}  # saved before the family was recorded
+    (path / checkpoint.CONFIG_FILE).write_text(json.dumps(older))
+    checkpoint.check_resume(str(path), record, allow=[])
+    (path / checkpoint.CONFIG_FILE).write_text(json.dumps({**record, "model.family": "llama3"}))
+    with pytest.raises(ConfigError, match="model.family: 'llama3' -> 'qwen2'"):
+        checkpoint.check_resume(str(path), record, allow=[])
