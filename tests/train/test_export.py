@@ -317,10 +317,24 @@ def read_hf(folder):
 
 
 @pytest.mark.slow
-def test_deepspeed_zero3_checkpoint_is_consolidated(tmp_path, tokenizer_model, megatron_world1, monkeypatch):
-    """ZeRO-3 over 2 processes partitions every parameter; the export (zero_to_fp32 in one process) holds the
-    weights the ranks gathered, to the bit."""
-    _torchrun(tmp_path, tokenizer_model, ["model=qwen2_tiny", "parallel=deepspeed_zero3"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model=qwen2_tiny", "parallel=deepspeed_zero3"],  # DP=2: every parameter partitioned over 2 ranks
+        [
+            "model=gemma2_tiny",
+            "parallel=deepspeed_zero1",
+            "parallel.tp=2",
+        ],  # TP=2: one ZeRO group per TP rank
+    ],
+    ids=["zero3_dp2", "zero1_tp2"],
+)
+def test_deepspeed_checkpoint_is_consolidated(
+    tmp_path, tokenizer_model, megatron_world1, monkeypatch, overrides
+):
+    """The export of a DeepSpeed checkpoint saved by 2 processes (ZeRO shards through zero_to_fp32, one TP rank
+    at a time, then TP shards joined, in one process) holds the weights the ranks gathered, to the bit."""
+    _torchrun(tmp_path, tokenizer_model, overrides)
     monkeypatch.chdir(tmp_path)
     out = export("runs/kiln/default/checkpoints/base", tmp_path / "pt", fmt="torch")
     _, _, state = read_torch(out)
