@@ -286,28 +286,42 @@ def _torchrun(tmp_path, tokenizer_model, overrides: list[str]) -> None:
 
 
 @pytest.mark.slow
-def test_tp2_checkpoint_exports_the_tensors_of_tp1(tmp_path, tokenizer_model, megatron_world1, monkeypatch):
-    """The same weights (drawn as full tensors, sharded per rank) saved at TP=2 by 2 processes and at TP=1:
-    both exports hold identical tensors, and the TP=2 one equals the weights the ranks held."""
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model=llama_tiny", "parallel.nproc_per_node=2", "parallel.tp=2"],
+        ["model=mixtral_tiny", "parallel.nproc_per_node=2", "parallel.ep=2"],
+    ],
+    ids=["tp2", "ep2"],
+)
+def test_multiprocess_checkpoint_exports_the_weights_the_ranks_held(
+    tmp_path, tokenizer_model, megatron_world1, monkeypatch, overrides
+):
+    """Weights drawn as full tensors and sharded per rank (TP=2: split tensors and vocabulary padded to 768
+    rows; EP=2: 4 experts per rank), saved by 2 processes: the export holds them exactly. At TP=2 also: the
+    same weights saved at TP=1 (640 rows) export to identical tensors."""
     from models.hf import to_hf_state
-    from models.registry import resolve_arch
+    from train.export import read_source
 
-    tp2 = tmp_path / "tp2"
-    tp2.mkdir()
-    _torchrun(tp2, tokenizer_model, ["model=llama_tiny", "parallel.nproc_per_node=2", "parallel.tp=2"])
-    monkeypatch.chdir(tmp_path)
-    _run(tmp_path / "tp1", tokenizer_model, ["model=llama_tiny", "parallel=single", "run_dir=tp1/run"])
-    one = read_hf(export(str(tmp_path / "tp1" / "run" / "checkpoints" / "base"), tmp_path / "hf1"))
-    monkeypatch.chdir(tp2)
+    multi = tmp_path / "multi"
+    multi.mkdir()
+    _torchrun(multi, tokenizer_model, overrides)
+    monkeypatch.chdir(multi)
     two = read_hf(export("runs/kiln/default/checkpoints/base", tmp_path / "hf2"))
-    assert one.keys() == two.keys()
-    for key in one:
-        assert torch.equal(one[key], two[key]), key
-    reference = torch.load(tp2 / "reference.pt")
-    assert reference["embedding.word_embeddings.weight"].shape[0] == 768  # TP=2 padding (TP=1: 640)
-    arch = resolve_arch("llama3", "tiny")
-    for key, value in to_hf_state(reference, arch, vocab_size=600).items():
+    reference = torch.load(multi / "reference.pt")
+    arch = read_source("runs/kiln/default/checkpoints/base").arch
+    expected = to_hf_state(reference, arch, vocab_size=600)
+    assert two.keys() == expected.keys()
+    for key, value in expected.items():
         assert torch.equal(two[key], value), key
+    if "parallel.tp=2" in overrides:
+        assert reference["embedding.word_embeddings.weight"].shape[0] == 768
+        monkeypatch.chdir(tmp_path)
+        _run(tmp_path, tokenizer_model, [overrides[0], "parallel=single", "run_dir=tp1/run"])
+        one = read_hf(export("tp1/run/checkpoints/base", tmp_path / "hf1"))
+        assert one.keys() == two.keys()
+        for key in one:
+            assert torch.equal(one[key], two[key]), key
 
 
 def read_hf(folder):
