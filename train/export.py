@@ -90,7 +90,7 @@ def resolve(path: str) -> str:
 
 
 def _unflatten(flat: dict, prefix: str) -> dict:
-    """The nested dict of the flat keys under `prefix.` (the inverse of resume_record's walk)."""
+    """The nested dict of the flat keys under `prefix.` (the inverse of `checkpoint.flatten`)."""
     out: dict = {}
     for key, value in flat.items():
         if not key.startswith(prefix + "."):
@@ -256,7 +256,8 @@ def _deepspeed_shards(path: str) -> list[dict[str, torch.Tensor]]:
                 map_location="cpu",
                 weights_only=False,
             )["module"]
-            shards.append({k: v.float() if v.is_floating_point() else v for k, v in module.items()})
+            tensors = {k: v for k, v in module.items() if isinstance(v, torch.Tensor)}  # not extra state
+            shards.append({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
             continue
         with tempfile.TemporaryDirectory() as tmp:  # zero_to_fp32 reads every *_states.pt of a directory
             os.mkdir(os.path.join(tmp, TAG))
@@ -385,6 +386,12 @@ def write_hf(state: dict, source: Source, tokenizer_path: str, folder: Path, *, 
 
     rows = state[_VOCAB_KEYS[0]].shape[0]
     _vocab_size(tokenizer_path, rows)
+    if source.family == "qwen2":
+        log.warning(
+            "qwen2: transformers' AutoTokenizer replaces the tokenizer with its byte-level Qwen2Tokenizer for "
+            "model_type qwen2; load it with PreTrainedTokenizerFast.from_pretrained(%s) for the run's ids",
+            folder.name,
+        )
     ids = write_tokenizer(tokenizer_path, folder, max_length=source.seq_length)
     tokens = {"bos_token_id": ids["bos_token_id"], "eos_token_id": ids["eos_token_id"], "pad_token_id": None}
     save_hf(

@@ -173,6 +173,25 @@ def test_torch_format_loads_back_into_kiln_exactly(tmp_path, tokenizer_model, me
     assert (out / "tokenizer.model").read_bytes() == Path(tokenizer_model).read_bytes()
 
 
+def test_bf16_checkpoint_exports_its_values_in_fp32(tmp_path, tokenizer_model, megatron_world1, monkeypatch):
+    """GPU runs train and save bf16 weights: the export (fp32) holds exactly their values."""
+    import models.gpt
+    from models.hf import read_hf_state, to_hf_state
+
+    build = models.gpt.build_model
+    monkeypatch.setattr(
+        models.gpt, "build_model", lambda *a, **k: build(*a, **{**k, "dtype": torch.bfloat16})
+    )
+    monkeypatch.chdir(tmp_path)
+    _, model, path = _run(tmp_path, tokenizer_model, ["model=llama_tiny", "parallel=single"])
+    monkeypatch.setattr(models.gpt, "build_model", build)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    weights = {k: v.float() for k, v in model.named_parameters()}
+    ours = read_hf_state(export(path, tmp_path / "hf"))
+    for key, value in to_hf_state(weights, model.arch, vocab_size=600).items():
+        assert ours[key].dtype == torch.float32 and torch.equal(ours[key], value), key
+
+
 # ------------------------------------------------------------------------------------------ bad input
 def _fake_checkpoint(directory: Path, record: dict, *, complete: bool = True) -> Path:
     path = directory / "checkpoints" / "base" / "step_000001"
@@ -340,8 +359,9 @@ def read_hf(folder):
             "parallel=deepspeed_zero1",
             "parallel.tp=2",
         ],  # TP=2: one ZeRO group per TP rank
+        ["model=llama_tiny", "parallel=deepspeed_zero1", "parallel.zero_stage=0"],  # the module itself
     ],
-    ids=["zero3_dp2", "zero1_tp2"],
+    ids=["zero3_dp2", "zero1_tp2", "zero0_dp2"],
 )
 def test_deepspeed_checkpoint_is_consolidated(
     tmp_path, tokenizer_model, megatron_world1, monkeypatch, overrides
