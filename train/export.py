@@ -389,8 +389,7 @@ def write_hf(state: dict, source: Source, tokenizer_path: str, folder: Path, *, 
     if source.family == "qwen2":
         log.warning(
             "qwen2: transformers' AutoTokenizer replaces the tokenizer with its byte-level Qwen2Tokenizer for "
-            "model_type qwen2; load it with PreTrainedTokenizerFast.from_pretrained(%s) for the run's ids",
-            folder.name,
+            "model_type qwen2; load it with PreTrainedTokenizerFast.from_pretrained(<out>) for the run's ids"
         )
     ids = write_tokenizer(tokenizer_path, folder, max_length=source.seq_length)
     tokens = {"bos_token_id": ids["bos_token_id"], "eos_token_id": ids["eos_token_id"], "pad_token_id": None}

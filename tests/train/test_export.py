@@ -240,23 +240,27 @@ def test_bad_input_is_refused_with_exit_code_2_and_nothing_written(tmp_path, cap
     assert not list(tmp_path.glob(".out.*"))
 
 
-def test_non_empty_out_needs_force(tmp_path):
-    """As a user runs it: `python -m train.export`, exit code 2 and the existing folder untouched."""
+def test_cli_refuses_a_non_empty_out_unless_forced(tmp_path, tokenizer_model, megatron_world1, monkeypatch):
+    """As a user runs it: `python -m train.export` exits 2 and leaves an existing folder untouched; with
+    --force it replaces it with the export (exit 0)."""
+    monkeypatch.chdir(tmp_path)
+    _, _, path = _run(tmp_path, tokenizer_model, ["model=qwen2_tiny", "parallel=single"])
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    path = _fake_checkpoint(tmp_path, _record())
-    proc = subprocess.run(
-        [sys.executable, "-m", "train.export", str(path), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        cwd=tmp_path,
-        timeout=300,
-    )
+
+    def cli(*extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "train.export", path, "--out", str(out), "--format", "torch", *extra]
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+
+    proc = cli()
     assert proc.returncode == 2, proc.stderr
     assert "--out=" in proc.stderr and "exists and is not empty" in proc.stderr and "--force" in proc.stderr
     assert (out / "keep.txt").read_text() == "mine"
+    proc = cli("--force")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["arch.json", "model.pt", "tokenizer.model"]
 
 
 def test_failed_export_leaves_nothing_behind(tmp_path, tokenizer_model, megatron_world1, monkeypatch):
