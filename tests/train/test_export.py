@@ -57,7 +57,7 @@ def _vocab(tokenizer_model: str) -> int:
     return spm.SentencePieceProcessor(model_file=tokenizer_model).get_piece_size()
 
 
-def _run(tmp_path, tokenizer_model, overrides: list[str]):
+def _run(tokenizer_model: str, overrides: list[str]):
     """A run dir with the data cache entry and a final `base` checkpoint saved as the loop saves it."""
     vocab = _vocab(tokenizer_model)
     cfg = worker.compose(overrides, vocab_size=vocab)
@@ -117,7 +117,7 @@ def test_every_family_exports_to_transformers(tmp_path, tokenizer_model, megatro
         case = tmp_path / family
         (case / "train").mkdir(parents=True)
         monkeypatch.chdir(case / "train")  # run_dir and data cache relative to here, as `python -m train`
-        cfg, model, path = _run(case, tokenizer_model, [*model_overrides, "parallel=single"])
+        cfg, model, path = _run(tokenizer_model, [*model_overrides, "parallel=single"])
         kiln[family] = _kiln_outputs(model, vocab, prompt)
         monkeypatch.chdir(tmp_path)
         stage_dir = str(case / "train" / checkpoint.stage_dir(cfg.run_dir, "base"))
@@ -155,7 +155,7 @@ def test_torch_format_loads_back_into_kiln_exactly(tmp_path, tokenizer_model, me
     from models.gpt import build_model
 
     monkeypatch.chdir(tmp_path)
-    cfg, model, path = _run(tmp_path, tokenizer_model, ["model=mixtral_tiny", "parallel=single"])
+    cfg, model, path = _run(tokenizer_model, ["model=mixtral_tiny", "parallel=single"])
     out = export(path, tmp_path / "pt", fmt="torch")
     arch, meta, state = read_torch(out)
     assert (meta["family"], meta["vocab_size"], meta["padded_vocab_size"]) == ("mixtral", 600, 640)
@@ -183,7 +183,7 @@ def test_bf16_checkpoint_exports_its_values_in_fp32(tmp_path, tokenizer_model, m
         models.gpt, "build_model", lambda *a, **k: build(*a, **{**k, "dtype": torch.bfloat16})
     )
     monkeypatch.chdir(tmp_path)
-    _, model, path = _run(tmp_path, tokenizer_model, ["model=llama_tiny", "parallel=single"])
+    _, model, path = _run(tokenizer_model, ["model=llama_tiny", "parallel=single"])
     monkeypatch.setattr(models.gpt, "build_model", build)
     assert next(model.parameters()).dtype == torch.bfloat16
     weights = {k: v.float() for k, v in model.named_parameters()}
@@ -244,7 +244,7 @@ def test_cli_refuses_a_non_empty_out_unless_forced(tmp_path, tokenizer_model, me
     """As a user runs it: `python -m train.export` exits 2 and leaves an existing folder untouched; with
     --force it replaces it with the export (exit 0)."""
     monkeypatch.chdir(tmp_path)
-    _, _, path = _run(tmp_path, tokenizer_model, ["model=qwen2_tiny", "parallel=single"])
+    _, _, path = _run(tokenizer_model, ["model=qwen2_tiny", "parallel=single"])
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -269,7 +269,7 @@ def test_failed_export_leaves_nothing_behind(tmp_path, tokenizer_model, megatron
     import train.export as ex
 
     monkeypatch.chdir(tmp_path)
-    _, _, path = _run(tmp_path, tokenizer_model, ["model=llama_tiny", "parallel=single"])
+    _, _, path = _run(tokenizer_model, ["model=llama_tiny", "parallel=single"])
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
@@ -340,7 +340,7 @@ def test_multiprocess_checkpoint_exports_the_weights_the_ranks_held(
     if "parallel.tp=2" in overrides:
         assert reference["embedding.word_embeddings.weight"].shape[0] == 768
         monkeypatch.chdir(tmp_path)
-        _run(tmp_path, tokenizer_model, [overrides[0], "parallel=single", "run_dir=tp1/run"])
+        _run(tokenizer_model, [overrides[0], "parallel=single", "run_dir=tp1/run"])
         one = read_hf(export("tp1/run/checkpoints/base", tmp_path / "hf1"))
         assert one.keys() == two.keys()
         for key in one:
