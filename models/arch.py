@@ -140,6 +140,15 @@ class Arch:
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe is not None and layer >= self.moe.first_dense_layers
 
+    @classmethod
+    def from_dict(cls, fields: dict) -> Arch:
+        """The Arch whose `dataclasses.asdict` is `fields` (e.g. read back from a checkpoint's JSON)."""
+        fields = dict(fields)
+        for name, sub in (("rope", RopeScaling), ("moe", MoE), ("mla", MLA)):
+            if isinstance(fields.get(name), dict):
+                fields[name] = sub(**fields[name])
+        return cls(**fields)
+
     def replace(self, **overrides: object) -> Arch:
         """A copy with fields replaced; `rope`/`moe`/`mla` accept dicts of their own fields."""
         for name, cls in (("rope", RopeScaling), ("moe", MoE), ("mla", MLA)):

@@ -268,6 +268,47 @@ def _rope_from_hf(cfg: dict) -> tuple[float, RopeScaling]:
     return theta, RopeScaling(**fields)
 
 
+def check_exportable(arch: Arch, family: str) -> None:
+    """Raise ConfigError naming the first feature of `arch` that the family's `transformers` model does not compute
+    (its outputs would differ from Kiln's), e.g. DeepseekV2's router never renormalizes the top-k weights."""
+    gemma = family == "gemma2"
+    moe = arch.moe
+    rows = [
+        ("qkv_bias", arch.qkv_bias, arch.qkv_bias and family != "qwen2"),
+        ("activation", arch.activation, (arch.activation == "geglu") != gemma),
+        ("sandwich_norm", arch.sandwich_norm, arch.sandwich_norm != gemma),
+        ("norm_zero_centered", arch.norm_zero_centered, arch.norm_zero_centered != gemma),
+        ("embedding_scale", arch.embedding_scale, arch.embedding_scale != gemma),
+        ("attn_softcap", arch.attn_softcap, arch.attn_softcap is not None and not gemma),
+        ("final_softcap", arch.final_softcap, arch.final_softcap is not None and not gemma),
+        (
+            "sliding_window",
+            arch.sliding_window,
+            arch.sliding_window is not None and family in ("llama3", "deepseek_v2"),
+        ),
+        ("window_every", arch.window_every, arch.window_every != (2 if gemma else 1) and arch.sliding_window),
+        ("moe", moe, moe is not None and family not in ("mixtral", "deepseek_v2")),
+        ("mla", arch.mla, arch.mla is not None and family != "deepseek_v2"),
+    ]
+    if moe is not None:
+        rows += [
+            ("moe.score_function", moe.score_function, moe.score_function != "softmax"),
+            ("moe.expert_bias", moe.expert_bias, moe.expert_bias),
+            ("moe.capacity_factor", moe.capacity_factor, moe.capacity_factor is not None),
+            # Mixtral always renormalizes the top-k weights, DeepseekV2 never does.
+            ("moe.norm_topk_prob", moe.norm_topk_prob, moe.norm_topk_prob != (family == "mixtral")),
+        ]
+    for key, value, bad in rows:
+        if bad:
+            name = HF_ARCHITECTURES[family][0]
+            raise ConfigError(
+                f"model.{key}",
+                value,
+                f"transformers' {name} does not compute this (it would give other outputs than the Kiln "
+                f"{family} model); export it with --format torch, or train with the setting transformers has",
+            )
+
+
 def hf_config(arch: Arch, *, family: str, vocab_size: int) -> dict:
     """The config.json of `arch` for `transformers`."""
     if family not in HF_ARCHITECTURES:
@@ -433,21 +474,46 @@ def read_hf_state(folder: str | Path) -> dict[str, torch.Tensor]:
 
 
 def save_hf(
-    state: dict[str, torch.Tensor], arch: Arch, folder: str | Path, *, family: str, vocab_size: int
+    state: dict[str, torch.Tensor],
+    arch: Arch,
+    folder: str | Path,
+    *,
+    family: str,
+    vocab_size: int,
+    max_shard_bytes: int | None = None,
+    config_extra: dict | None = None,
 ) -> Path:
-    """Write `state` (our full state dict) as model.safetensors + config.json in `folder`."""
+    """Write `state` (our full state dict) as safetensors + config.json in `folder`: one model.safetensors, or,
+    when the tensors exceed `max_shard_bytes`, HF's sharded layout (model-00001-of-0000N.safetensors, ... and
+    model.safetensors.index.json mapping each tensor to its file). `config_extra` adds to config.json (token ids)."""
     from safetensors.torch import save_file
 
+    check_exportable(arch, family)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(
-        to_hf_state(state, arch, vocab_size=vocab_size),
-        str(folder / "model.safetensors"),
-        metadata={"format": "pt"},
-    )
-    (folder / "config.json").write_text(
-        json.dumps(hf_config(arch, family=family, vocab_size=vocab_size), indent=2)
-    )
+    hf = to_hf_state(state, arch, vocab_size=vocab_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in hf.items():  # in table order: a layer's tensors stay together
+        nbytes = t.numel() * t.element_size()
+        if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_file(hf, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, part in enumerate(shards, start=1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(part, str(folder / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(part, name))
+        total = sum(t.numel() * t.element_size() for t in hf.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config = hf_config(arch, family=family, vocab_size=vocab_size) | (config_extra or {})
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
 
 

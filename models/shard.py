@@ -90,6 +90,15 @@ def _gather(t: torch.Tensor, group) -> list[torch.Tensor]:
     return out
 
 
+def join_shards(key: str, pieces: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """The full tensor `key` from its tensor-parallel shards in rank order (split along `dim`); a gated-MLP
+    input's shards each hold [gate; up], so the gates are joined, then the ups."""
+    if _is_glu(key):
+        halves = [p.chunk(2, dim=dim) for p in pieces]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
+    return torch.cat(pieces, dim=dim)
+
+
 def full_state_dict(model, *, grads: bool = False) -> dict[str, torch.Tensor]:
     """The whole model's parameters (or, with `grads`, their .grad) as full tensors (TP shards joined, experts
     under their global index), on every rank. Collective over the TP and EP groups: every rank must call it."""
@@ -102,13 +111,7 @@ def full_state_dict(model, *, grads: bool = False) -> dict[str, torch.Tensor]:
         )
         tp_group, ep_group = _groups(param)
         if getattr(param, "tensor_model_parallel", False) and _size(tp_group) > 1:
-            pieces = _gather(t, tp_group)
-            dim = param.partition_dim
-            if _is_glu(key):
-                halves = [p.chunk(2, dim=dim) for p in pieces]
-                t = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
-            else:
-                t = torch.cat(pieces, dim=dim)
+            t = join_shards(key, _gather(t, tp_group), param.partition_dim)
         m = _EXPERT.match(key)
         if m is not None:
             ep = _size(ep_group)

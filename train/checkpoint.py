@@ -70,7 +70,10 @@ class ResumeConfig:
 
 # Keys of the run record that decide what a resumed stage computes; everything else (layout, logging,
 # checkpoint retention, cluster) may change freely: the layout is resharded on load.
-RESUME_KEYS = ("arch", "data", "recipe.stages.{stage}", "seed")
+RESUME_KEYS = ("model.family", "arch", "data", "recipe.stages.{stage}", "seed")
+# Keys recorded since a later Kiln (model.family: for `python -m train.export`): a checkpoint saved before
+# has none of them and still resumes; when both sides have one, it is compared like any other key.
+RECORDED_LATER = ("model.family",)
 # Arch fields that change tensor shapes: a checkpoint cannot load into a model that differs in one.
 SHAPE_KEYS = (
     "arch.num_layers",
@@ -89,21 +92,24 @@ def resume_record(cfg, stage: str) -> dict:
     import dataclasses
 
     tree = {
+        "model.family": cfg.model.family,
         "arch": dataclasses.asdict(cfg.model.arch()),
         "data": dataclasses.asdict(cfg.data),
         "seed": cfg.seed,
     }
     tree["recipe.stages." + stage] = dataclasses.asdict(cfg.recipe.stages[stage])
+    return flatten(tree)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a.b.c": leaf} of nested dicts (an empty dict is a leaf)."""
     flat: dict = {}
-
-    def walk(prefix: str, node) -> None:
-        if isinstance(node, dict) and node:
-            for k, v in node.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
+    for k, v in tree.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v:
+            flat.update(flatten(v, key))
         else:
-            flat[prefix] = node
-
-    walk("", tree)
+            flat[key] = v
     return flat
 
 
@@ -119,7 +125,10 @@ def check_resume(path: str, current: dict, *, allow: list[str]) -> None:
         saved = json.load(f)
     current = json.loads(json.dumps(current, default=str))  # compare as saved (tuples are lists in JSON)
     changed = sorted(
-        k for k in set(saved) | set(current) if saved.get(k, "<absent>") != current.get(k, "<absent>")
+        k
+        for k in set(saved) | set(current)
+        if saved.get(k, "<absent>") != current.get(k, "<absent>")
+        and not (k in RECORDED_LATER and k not in saved)
     )
 
     def allowed(key: str) -> bool:
