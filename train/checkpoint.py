@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from train import faults
+
 log = logging.getLogger(__name__)
 
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}  # reshardable across DP/TP sizes
@@ -250,9 +252,33 @@ def _complete_steps(directory: str) -> list[str]:
     return [os.path.join(directory, n) for n in sorted(names, reverse=True)]
 
 
+def _unfinished_saves(directory: str, after: str | None) -> None:
+    """Warn about `.tmp` directories of saves newer than `after` that never finished (killed during the save)."""
+    if not os.path.isdir(directory):
+        return
+    for name in sorted(os.listdir(directory)):
+        if (
+            name.endswith(".tmp")
+            and _STEP_DIR.match(name[:-4])
+            and (after is None or name[:-4] > os.path.basename(after))
+        ):
+            log.warning(
+                "ignoring an unfinished save: %s; resuming from %s",
+                verify(os.path.join(directory, name)),
+                after or "the start (no complete checkpoint)",
+            )
+
+
 def latest(directory: str) -> str | None:
     """The newest complete checkpoint of a stage, or None. Follows `latest` when it points at a checkpoint that
-    passes `verify`; otherwise warns with the reason and takes the newest checkpoint that does."""
+    passes `verify`; otherwise warns with the reason and takes the newest checkpoint that does. Warns about
+    newer saves that were cut off (their `.tmp` directories, never read)."""
+    found = _latest(directory)
+    _unfinished_saves(directory, found)
+    return found
+
+
+def _latest(directory: str) -> str | None:
     pointer = os.path.join(directory, "latest")
     if os.path.exists(pointer):
         with open(pointer) as f:
@@ -373,6 +399,7 @@ def save(
         _write_synced(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=2))
         if record is not None:
             _write_synced(os.path.join(tmp, CONFIG_FILE), json.dumps(record, indent=1, default=str))
+    faults.inject("save", state["step"])  # KILN_FAULT drills: cut off after the shards, before COMPLETE
     dist.barrier()
     # fsync and hash the files, each rank a share of them; rank 0 records them all.
     names = _files(tmp)

@@ -17,7 +17,7 @@ from models.gpt import build_model
 from models.llama import padded_vocab_size
 from models.moe import expert_load_stats
 from parallel.engines import OptimSettings, build_engine, out_of_memory_message
-from train import checkpoint, metrics, signals
+from train import checkpoint, faults, metrics, signals
 from train.average import average_into, last_checkpoints
 from train.config import StageConfig, TrainConfig
 from train.logs import MetricSinks, Progress, set_stage, set_step
@@ -266,6 +266,7 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         try:
             with meter.phase("forward_backward"):
                 loss = engine.forward_backward(micro, seq_length=stage.seq_length)
+            faults.inject("step", step + 1)  # KILN_FAULT drills only
             if is_log:
                 meter.before_update(params)
             with meter.phase("optimizer"):
