@@ -317,11 +317,13 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
             loss=loss,
             record=record if is_log else None,
         )
+        checkpoint.wait_for_saves(blocking=False)  # completes async saves written meanwhile
         if save_every and result.step % save_every == 0 and result.step != steps:
             save()
         if signals.stop_requested(run.device):  # Slurm's USR1/TERM or the stop file, agreed by every rank
             if result.checkpoint != checkpoint.path_for(directory, result.step):
                 save()
+            checkpoint.wait_for_saves()
             progress.close()
             signals.stop(
                 run_dir=cfg.run_dir,
