@@ -87,3 +87,18 @@ def test_rank_killed_during_save_falls_back_to_the_previous_checkpoint(reference
     assert not list(stage.glob("*.tmp"))  # the restarted save of step 8 replaced it
     assert (stage / "latest").read_text() == f"step_{STEPS:06d}"
     assert leftovers(run_dir) == []
+
+
+def test_async_saves_keep_a_killed_run_exact(reference, tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    env = {"KILN_FAULT": "step:1:7", "KILN_DRILL": str(run_dir)}
+    args = [*DRILL, "checkpoint.async_save=true", f"run_dir={run_dir}", f"data.cache_dir={data_cache}"]
+    proc = run_train(args, cwd=ROOT, env=env)
+    assert "saving checkpoint" in proc.stderr and "in the background" in proc.stderr
+    # The save of step 6 may still be unfinished when rank 1 dies in step 7: then step 4 is the resume point.
+    resumed = [int(s) for s in ("4", "6") if f"resumed base at step {s} " in proc.stderr]
+    assert len(resumed) == 1, proc.stderr[-3000:]
+    assert_same_curve(train_losses(read_metrics(run_dir), "base"), reference)
+    stage = run_dir / "checkpoints" / "base"
+    assert (stage / "latest").read_text() == f"step_{STEPS:06d}" and not list(stage.glob("*.tmp"))
+    assert leftovers(run_dir) == []
