@@ -4,7 +4,8 @@
 
 One process (a world of one, gloo on CPU; the GPU when there is one), a Llama-style model with AdamW through
 megatron-core (distributed optimizer), trained three ways on the same batches: without saving, saving
-synchronously every `--save-every` steps, and saving asynchronously as often. Per way it prints, as a markdown
+synchronously every `--save-every` steps, and saving asynchronously as often (each after one untimed warm-up
+save: the first save of a process also starts megatron-core's result-queue process, seconds). Per way it prints, as a markdown
 table: the checkpoint size, the median training step, the loop's stall per save: the `checkpoint.save` call and
 the `wait_for_saves` calls after each step (for async saves they finalize: fsync and hash every file for the
 COMPLETE record, rename, `latest`), the total wall time of the steps, and its overhead over the run without saves.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -106,6 +108,14 @@ def main() -> None:
         step(ddp, opt)  # warm-up: allocates Adam state
         directory = tempfile.mkdtemp(prefix=f"kiln-bench-ckpt-{mode}-")
         retention = CheckpointConfig(keep_last=1, async_save=mode == "async")
+        if mode != "none":  # warm-up save: megatron-core's writer starts its result-queue process once
+            scratch = tempfile.mkdtemp(prefix="kiln-bench-ckpt-warmup-")
+            state = {"step": 0, "tokens": 0, "final": False}
+            checkpoint.save(
+                scratch, model=ddp.module, optimizer=opt, scheduler=sched, state=state, retention=retention
+            )
+            checkpoint.wait_for_saves()
+            shutil.rmtree(scratch)
         step_times, calls, finals, losses, size = [], [], [], [], 0
         start = time.perf_counter()
         for i in range(1, args.steps + 1):
