@@ -145,6 +145,7 @@ def main() -> None:
             last = checkpoint.latest(directory)
             with open(os.path.join(last, checkpoint.COMPLETE_FILE)) as f:
                 size = sum(entry[0] for entry in json.load(f)["files"].values())
+        shutil.rmtree(directory)
         saves = args.steps // args.save_every if mode != "none" else 0
         per_save = [sum(calls) / max(saves, 1), sum(finals) / max(saves, 1)]
         rows.append((mode, size, statistics.median(step_times), per_save, wall, losses))
