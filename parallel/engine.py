@@ -35,7 +35,13 @@ def init_distributed(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend, timeout=timeout)
+        # torchrun's store outlives a restart (parallel.max_restarts) and still holds the first attempt's keys,
+        # e.g. the dead workers' gloo addresses, which new groups would try to connect to: every attempt
+        # keys the store under its own prefix.
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"kiln/attempt_{attempt}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     else:
         # A world of one on an in-process store: no port to take, and no torchrun variables left in
         # os.environ for child processes to mistake for their own.

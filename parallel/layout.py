@@ -78,11 +78,17 @@ class ParallelLayout:
     grad_accum: int = -1
     """Micro-batches per optimizer step on each data-parallel rank; -1 infers it from each stage's global batch
     (global batch = dp * micro_batch * grad_accum)."""
+    max_restarts: int = 0
+    """torchrun `--max-restarts` of the local launch (`python -m train` starting torchrun itself): when a rank
+    dies, torchrun stops the others and restarts all of them, up to this many times; each restart resumes from
+    the last complete checkpoint. Under Slurm the job is requeued instead (cluster.slurm.max_restarts)."""
 
     def __post_init__(self) -> None:
         for key in ("nproc_per_node", "nnodes", "tp", "pp", "vpp", "ep", "etp", "cp", "micro_batch"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"parallel.{key}", getattr(self, key), "must be >= 1")
+        if self.max_restarts < 0:
+            raise ConfigError("parallel.max_restarts", self.max_restarts, "must be >= 0 (0: no restarts)")
         for key in ("dp", "grad_accum"):
             value = getattr(self, key)
             if value == 0 or value < -1:

@@ -13,11 +13,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from train import faults
 from train.config import register, to_config
 from train.errors import ConfigError
 from train.stability import DIVERGED_EXIT_CODE, DIVERGED_FILE
@@ -44,17 +46,19 @@ def launch(cfg, overrides: list[str]) -> int:
         "torch.distributed.run",
         "--standalone",
         f"--nproc_per_node={cfg.parallel.nproc_per_node}",
+        f"--max-restarts={cfg.parallel.max_restarts}",
         "-m",
         "train",
         *overrides,
     ]
     logging.getLogger("train").info("launching: %s", " ".join(cmd))
-    env = dict(os.environ)
+    env = dict(os.environ, KILN_LAUNCH=uuid.uuid4().hex)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.parallel.nproc_per_node)))
     diverged = os.path.join(cfg.run_dir, DIVERGED_FILE)  # torchrun exits 1 whatever its ranks' status
     if os.path.exists(diverged):
         os.remove(diverged)
     code = subprocess.call(cmd, env=env)
+    faults.kill_leftovers({"KILN_LAUNCH": env["KILN_LAUNCH"]})  # of ranks that died (SIGKILL, OOM killer)
     if code and os.path.exists(diverged):
         with open(diverged) as f:
             print(f"kiln: diverged: {f.read().strip()}", file=sys.stderr)
@@ -66,6 +70,8 @@ def launch(cfg, overrides: list[str]) -> int:
 def main(dcfg: DictConfig) -> None:
     try:
         cfg = to_config(dcfg)
+        if os.environ.get(faults.FAULT_ENV):
+            faults.parse(os.environ[faults.FAULT_ENV])
         if not _under_torchrun() and cfg.parallel.nnodes > 1:
             raise ConfigError(
                 "parallel.nnodes",

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from train import faults
+
 log = logging.getLogger(__name__)
 
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}  # reshardable across DP/TP sizes
@@ -47,6 +49,10 @@ class CheckpointConfig:
     full_verify: bool = False
     """Check every file's sha256 against the COMPLETE record before loading (reads the whole checkpoint);
     off, only the files' presence and sizes are checked."""
+    async_save: bool = False
+    """Write the shards in a forked process while training continues (megatron engine; megatron-core's
+    async dist_checkpointing); the checkpoint becomes complete and `latest` once every rank's writer is done.
+    The deepspeed engine refuses it (its own async saving needs Nebula, a cloud service)."""
 
     def __post_init__(self) -> None:
         from train.errors import ConfigError
@@ -259,9 +265,33 @@ def _complete_steps(directory: str) -> list[str]:
     return [os.path.join(directory, n) for n in sorted(names, reverse=True)]
 
 
+def _unfinished_saves(directory: str, after: str | None) -> None:
+    """Warn about `.tmp` directories of saves newer than `after` that never finished (killed during the save)."""
+    if not os.path.isdir(directory):
+        return
+    for name in sorted(os.listdir(directory)):
+        if (
+            name.endswith(".tmp")
+            and _STEP_DIR.match(name[:-4])
+            and (after is None or name[:-4] > os.path.basename(after))
+        ):
+            log.warning(
+                "ignoring an unfinished save: %s; resuming from %s",
+                verify(os.path.join(directory, name)),
+                after or "the start (no complete checkpoint)",
+            )
+
+
 def latest(directory: str) -> str | None:
     """The newest complete checkpoint of a stage, or None. Follows `latest` when it points at a checkpoint that
-    passes `verify`; otherwise warns with the reason and takes the newest checkpoint that does."""
+    passes `verify`; otherwise warns with the reason and takes the newest checkpoint that does. Warns about
+    newer saves that were cut off (their `.tmp` directories, never read)."""
+    found = _latest(directory)
+    _unfinished_saves(directory, found)
+    return found
+
+
+def _latest(directory: str) -> str | None:
     pointer = os.path.join(directory, "latest")
     if os.path.exists(pointer):
         with open(pointer) as f:
@@ -322,14 +352,16 @@ class MegatronState:
         # inside carry the global names, so the nesting never reaches the files.
         return sds[0] if len(sds) == 1 else {f"chunk{i}": sd for i, sd in enumerate(sds)}
 
-    def save_state(self, path: str, common: dict) -> None:
+    def save_state(self, path: str, common: dict, *, async_save: bool = False):
+        """Write the checkpoint into `path`; with `async_save`, only the common state now, and return
+        megatron-core's AsyncRequest that writes the shards (train/checkpoint.py `save` schedules it)."""
         from megatron.core import dist_checkpointing
 
         model_sd = self._model_sd()
         sharded = {"model": model_sd, **common}
         if self.optimizer is not None:
             sharded["optimizer"] = self.optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_FORMAT)
-        dist_checkpointing.save(sharded, path)
+        return dist_checkpointing.save(sharded, path, async_sharded_save=async_save)
 
     def load_state(self, path: str, *, optimizer: bool) -> dict:
         """Load weights (and the optimizer when asked and present); returns the common (non-sharded) state."""
@@ -355,6 +387,17 @@ class MegatronState:
         return dist_checkpointing.load_common_state_dict(path)
 
 
+_pending = None
+"""megatron-core's AsyncCallsQueue of this process's unfinished async saves (checkpoint.async_save)."""
+
+
+def wait_for_saves(*, blocking: bool = True) -> None:
+    """Finish the async saves whose writers are done on every rank (all of them, waiting, when `blocking`):
+    their COMPLETE record, rename and `latest` happen here. Call on all ranks; a no-op without pending saves."""
+    if _pending is not None and _pending.get_num_unfinalized_calls():
+        _pending.maybe_finalize_async_calls(blocking=blocking)
+
+
 def save(
     directory: str,
     *,
@@ -368,22 +411,52 @@ def save(
 ) -> str:
     """Save on all ranks; returns the checkpoint path. `engine` is the training engine (parallel/engines/),
     or give `model` (the bare GPTModel, DDP's `.module`) and `optimizer`; `state` is the JSON-able loop state,
-    `record` the `resume_record` of the config it was computed with."""
+    `record` the `resume_record` of the config it was computed with.
+
+    With `retention.async_save` (megatron engine) the shards are written by a forked process while training
+    goes on; the checkpoint becomes complete (COMPLETE, rename, `latest`) in `wait_for_saves`, which the loop
+    calls after every step, before a stop and at the stage's end. A final checkpoint is always written
+    synchronously. One save is in flight at a time: a new one first waits for the previous."""
+    global _pending
+    retention = retention or CheckpointConfig()
     store = engine if engine is not None else MegatronState([model], optimizer)
     path = path_for(directory, state["step"])
     tmp = path + ".tmp"
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if rank == 0:
+    wait_for_saves()
+    if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    store.save_state(tmp, {"scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()})
-    if rank == 0:
+    common = {"scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()}
+    background = retention.async_save and not state.get("final")
+    request = store.save_state(tmp, common, async_save=True) if background else store.save_state(tmp, common)
+    if dist.get_rank() == 0:
         _write_synced(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=2))
         if record is not None:
             _write_synced(os.path.join(tmp, CONFIG_FILE), json.dumps(record, indent=1, default=str))
+
+    def finish() -> None:
+        _complete(directory, tmp, path, retention, step=state["step"])
+
+    if not background:
+        finish()
+        return path
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+    request.add_finalize_fn(finish)
+    if _pending is None:
+        _pending = AsyncCallsQueue()
+    _pending.schedule_async_request(request)
+    log.info("saving checkpoint %s in the background", path)
+    return path
+
+
+def _complete(directory: str, tmp: str, path: str, retention: CheckpointConfig, *, step: int) -> None:
+    """After every rank's shards are in `tmp`: fsync and hash them (each rank a share), rank 0 writes COMPLETE,
+    renames `tmp` to `path`, moves `latest` and applies retention."""
+    faults.inject("save", step)  # KILN_FAULT drills: cut off after the shards, before COMPLETE
     dist.barrier()
-    # fsync and hash the files, each rank a share of them; rank 0 records them all.
+    rank, world = dist.get_rank(), dist.get_world_size()
     names = _files(tmp)
     mine = hash_files(tmp, names[rank::world], fsync=True)
     shares: list = [None] * world
@@ -396,11 +469,10 @@ def save(
         _write_synced(os.path.join(directory, "latest.tmp"), os.path.basename(path))
         os.replace(os.path.join(directory, "latest.tmp"), os.path.join(directory, "latest"))
         _fsync_dir(directory)
-        for gone in prune(directory, retention or CheckpointConfig(), keep=path):
+        for gone in prune(directory, retention, keep=path):
             log.info("retention: removed %s", gone)
     dist.barrier()
     log.info("saved checkpoint %s", path)
-    return path
 
 
 def load(

@@ -534,6 +534,13 @@ def _check_stability(name: str, stage: StageConfig, run: StabilityConfig) -> Non
 def validate(cfg: TrainConfig) -> None:
     if cfg.device not in DEVICES:
         raise ConfigError("device", cfg.device, f"choose one of {', '.join(DEVICES)}")
+    if cfg.checkpoint.async_save and cfg.parallel.engine != "megatron":
+        raise ConfigError(
+            "checkpoint.async_save",
+            True,
+            f"parallel.engine={cfg.parallel.engine} saves synchronously (async saving is megatron-core's "
+            "dist_checkpointing); set checkpoint.async_save=false or parallel.engine=megatron",
+        )
     arch = cfg.model.arch()
     cfg.parallel.check_model(
         heads=arch.num_attention_heads,

@@ -19,7 +19,7 @@ from models.hf import is_hf_folder, load_hf_into
 from models.llama import padded_vocab_size
 from models.moe import expert_load_stats
 from parallel.engines import OptimSettings, build_engine, out_of_memory_message
-from train import checkpoint, metrics, signals
+from train import checkpoint, faults, metrics, signals
 from train.average import average_into, last_checkpoints
 from train.config import StageConfig, TrainConfig
 from train.logs import MetricSinks, Progress, set_stage, set_step
@@ -295,6 +295,7 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         try:
             with meter.phase("forward_backward"):
                 loss = engine.forward_backward(micro, seq_length=stage.seq_length)
+            faults.inject("step", step + 1)  # KILN_FAULT drills only
             if is_log:
                 meter.before_update(params)
             with meter.phase("optimizer"):
@@ -332,6 +333,7 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
                     event["action"] = "skip"  # nothing saved in the stage yet to go back to
             run.sinks.write(event)
             if event["action"] == "stop":
+                checkpoint.wait_for_saves()  # leave no save cut off by the exit
                 progress.close()
                 guard.stop(cfg.run_dir)
         result.train_loss = [result.train_loss[0] if result.train_loss else loss, loss]
@@ -364,11 +366,13 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
             loss=loss,
             record=record if is_log else None,
         )
+        checkpoint.wait_for_saves(blocking=False)  # completes async saves written meanwhile
         if save_every and result.step % save_every == 0 and result.step != steps:
             save()
         if signals.stop_requested(run.device):  # Slurm's USR1/TERM or the stop file, agreed by every rank
             if result.checkpoint != checkpoint.path_for(directory, result.step):
                 save()
+            checkpoint.wait_for_saves()
             progress.close()
             signals.stop(
                 run_dir=cfg.run_dir,

@@ -16,7 +16,7 @@ from data.tokenizer import load_tokenizer
 from models.hf import is_hf_folder
 from models.llama import padded_vocab_size
 from parallel import engine
-from train import checkpoint, signals
+from train import checkpoint, faults, signals
 from train.config import TrainConfig
 from train.logs import MetricSinks, set_stage, setup_logging
 from train.loop import Run, StageResult, run_stage
@@ -50,6 +50,9 @@ def init_checkpoint(cfg: TrainConfig, init_from: str | None) -> str | None:
 
 
 def run(cfg: TrainConfig) -> list[StageResult]:
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and os.environ.get("LOCAL_RANK") == "0":
+        # torchrun restarted the workers (parallel.max_restarts): end what the dead attempt left running.
+        faults.kill_leftovers({"TORCHELASTIC_RUN_ID": os.environ["TORCHELASTIC_RUN_ID"]}, older_attempts=True)
     device = engine.pick_device(cfg.device)
     engine.init_distributed(device)
     signals.install()  # USR1/TERM: checkpoint and requeue at the next step end

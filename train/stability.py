@@ -155,6 +155,7 @@ def rollback(directory: str, *, engine, scheduler, full_verify: bool) -> str | N
     saved none yet."""
     from train import checkpoint
 
+    checkpoint.wait_for_saves()  # an async save in flight may be the newest good state
     path = checkpoint.latest(directory)
     if path is None:
         return None

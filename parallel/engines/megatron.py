@@ -206,8 +206,8 @@ class MegatronEngine:
             "optimizer": sum(optimizer_state_bytes(o.optimizer) for o in optimizers),
         }
 
-    def save_state(self, path: str, common: dict) -> None:
-        self._state.save_state(path, common)
+    def save_state(self, path: str, common: dict, *, async_save: bool = False):
+        return self._state.save_state(path, common, async_save=async_save)
 
     def load_state(self, path: str, *, optimizer: bool) -> dict:
         return self._state.load_state(path, optimizer=optimizer)

@@ -58,11 +58,16 @@ def test_same_size_corruption_is_caught_by_the_full_check_only(tmp_path):
     assert "content differs" in checkpoint.verify(path, full=True)
 
 
-def test_save_cut_off_before_complete_is_never_used(tmp_path):
+def test_save_cut_off_before_complete_is_never_used(tmp_path, caplog):
     good = fake_checkpoint(tmp_path, 10, tokens=100)
     fake_checkpoint(tmp_path, 20, tokens=200, complete=False)  # killed after writing, before COMPLETE
     os.makedirs(tmp_path / "step_000030.tmp")  # killed mid-write
-    assert checkpoint.latest(str(tmp_path)) == good
+    os.makedirs(tmp_path / "step_000005.tmp")  # older than the resume point: not worth a warning
+    with caplog.at_level("WARNING"):
+        assert checkpoint.latest(str(tmp_path)) == good
+    unfinished = [r.getMessage() for r in caplog.records if "unfinished save" in r.getMessage()]
+    assert len(unfinished) == 1 and "step_000030.tmp: no COMPLETE record" in unfinished[0]
+    assert unfinished[0].endswith("resuming from " + good)
 
 
 def test_missing_latest_pointer_finds_newest_complete(tmp_path):
