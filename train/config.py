@@ -66,6 +66,10 @@ class ModelConfig:
 
 
 # ---------------------------------------------------------------------------------------------- stage
+PASSKEY_MIN_CONTEXT = 256
+"""Shortest passkey context: the needle and question take up to ~220 tokens with a byte-level tokenizer."""
+
+
 @dataclass
 class StageConfig:
     tokens: int = 1_000_000
@@ -115,6 +119,13 @@ class StageConfig:
     """After the stage, average the weights of its last this many checkpoints (the final one included) and
     save the result under <stage>/averaged (0: no averaging); the stage keeps at least this many checkpoints
     whatever checkpoint.keep_last says. Llama 3 does this at the end of annealing."""
+    passkey_contexts: list[int] = field(default_factory=list)
+    """At the end of the stage, the passkey-retrieval probe (train/evals.py) at these context lengths, in
+    tokens (empty: no probe). Contexts past seq_length test extrapolation."""
+    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    """Where the key is hidden, as a fraction of the filler (0: start, 1: just before the question)."""
+    passkey_trials: int = 2
+    """Samples (random keys) per context and depth."""
 
     def arch(self, model: Arch) -> Arch:
         """The model architecture this stage trains: `model` with the stage's RoPE changes."""
@@ -189,6 +200,19 @@ class StageConfig:
             raise ConfigError(
                 f"{key}.rope_theta", self.rope_theta, "must be > 0, or null for the model's own"
             )
+        if any(c < PASSKEY_MIN_CONTEXT for c in self.passkey_contexts):
+            raise ConfigError(
+                f"{key}.passkey_contexts",
+                list(self.passkey_contexts),
+                f"each context must be >= {PASSKEY_MIN_CONTEXT} tokens (room for the needle and question "
+                f"with any tokenizer), e.g. [{PASSKEY_MIN_CONTEXT}, {max(PASSKEY_MIN_CONTEXT, self.seq_length)}]",
+            )
+        if any(not 0.0 <= d <= 1.0 for d in self.passkey_depths) or not self.passkey_depths:
+            raise ConfigError(
+                f"{key}.passkey_depths", list(self.passkey_depths), "give depths in [0, 1], e.g. [0, 0.5, 1]"
+            )
+        if self.passkey_trials < 1:
+            raise ConfigError(f"{key}.passkey_trials", self.passkey_trials, "must be >= 1")
         if not self.mix or any(w <= 0 for w in self.mix.values()):
             raise ConfigError(
                 f"{key}.mix", dict(self.mix), "give each source a weight > 0, e.g. {code: 0.7, docs: 0.3}"
