@@ -90,6 +90,9 @@ class StageConfig:
     """schedule=wsd: tokens of the final decay to min_lr (about 20% of the stage is the usual choice)."""
     decay_style: str = "1-sqrt"
     """schedule=wsd: shape of the final decay: linear, cosine or 1-sqrt."""
+    branch_tokens: list[int] = field(default_factory=list)
+    """schedule=wsd_s: training tokens at which a decay branch ends before the stage's end (each decays over
+    decay_tokens, saves a checkpoint, then the LR returns to the peak; train/schedule.py)."""
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -167,7 +170,7 @@ class StageConfig:
             raise ConfigError(
                 f"{key}.warmup_tokens", self.warmup_tokens, f"must be in [0, tokens={self.tokens})"
             )
-        if self.schedule == "wsd":
+        if self.schedule in ("wsd", "wsd_s"):
             if self.decay_style not in WSD_DECAY_STYLES:
                 raise ConfigError(
                     f"{key}.decay_style", self.decay_style, f"choose one of {', '.join(WSD_DECAY_STYLES)}"
@@ -180,6 +183,25 @@ class StageConfig:
                     f"schedule=wsd needs a decay in (0, tokens - warmup_tokens = {room}]; "
                     f"e.g. {max(1, room // 5)} (20% of the stage)",
                 )
+        if self.branch_tokens and self.schedule != "wsd_s":
+            raise ConfigError(
+                f"{key}.branch_tokens",
+                list(self.branch_tokens),
+                "only schedule=wsd_s has branches; set it or []",
+            )
+        if self.schedule == "wsd_s":
+            ends = [self.warmup_tokens, *self.branch_tokens, self.tokens]
+            for i, (before, end) in enumerate(zip(ends, ends[1:])):
+                if end - self.decay_tokens < before or (
+                    i < len(self.branch_tokens) and end % self.batch_tokens
+                ):
+                    raise ConfigError(
+                        f"{key}.branch_tokens",
+                        list(self.branch_tokens),
+                        f"each branch end must be a multiple of batch_tokens={self.batch_tokens}, in increasing "
+                        f"order, at least decay_tokens={self.decay_tokens} after warm-up and the previous branch, "
+                        f"and that much before tokens={self.tokens}",
+                    )
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(
                 f"{key}.lr", self.lr, "must be > 0, or null to continue from the checkpoint's LR"

@@ -171,6 +171,7 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         decay_tokens=stage.decay_tokens,
         decay_style=stage.decay_style,
         weight_decay=stage.weight_decay,
+        branch_tokens=stage.branch_tokens,
     )
 
     result = StageResult(stage=name, step=0, tokens=0, final=False, peak_lr=peak_lr, lr=peak_lr)
@@ -332,7 +333,8 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
             loss=loss,
             record=record if is_log else None,
         )
-        if save_every and result.step % save_every == 0 and result.step != steps:
+        branch_end = result.tokens in stage.branch_tokens  # schedule=wsd_s: a decayed model to keep
+        if (branch_end or save_every and result.step % save_every == 0) and result.step != steps:
             save()
         if signals.stop_requested(run.device):  # Slurm's USR1/TERM or the stop file, agreed by every rank
             if result.checkpoint != checkpoint.path_for(directory, result.step):

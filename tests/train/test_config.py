@@ -94,6 +94,29 @@ def test_default_config_values():
             "recipe.stages.base.decay_style",
             "1-sqrt",
         ),
+        (
+            ["recipe.stages.base.branch_tokens=[262144]"],
+            "recipe.stages.base.branch_tokens",
+            "only schedule=wsd_s has branches",
+        ),
+        (
+            [
+                "recipe.stages.base.schedule=wsd_s",
+                "recipe.stages.base.decay_tokens=65536",
+                "recipe.stages.base.branch_tokens=[98304]",  # only 32768 after the 65536-token warm-up
+            ],
+            "recipe.stages.base.branch_tokens",
+            "at least decay_tokens=65536 after warm-up and the previous branch",
+        ),
+        (
+            [
+                "recipe.stages.base.schedule=wsd_s",
+                "recipe.stages.base.decay_tokens=65536",
+                "recipe.stages.base.branch_tokens=[200000]",
+            ],
+            "recipe.stages.base.branch_tokens",
+            "multiple of batch_tokens=8192",
+        ),
         (["recipe.stages.base.warmup_tokens=-1"], "recipe.stages.base.warmup_tokens", "must be in [0"),
         (
             ["recipe.stages.long_context.passkey_contexts=[100,1024]"],
