@@ -67,6 +67,10 @@ class ModelConfig:
 
 
 # ---------------------------------------------------------------------------------------------- stage
+PASSKEY_MIN_CONTEXT = 256
+"""Shortest passkey context: the needle and question take up to ~220 tokens with a byte-level tokenizer."""
+
+
 @dataclass
 class StageConfig:
     tokens: int = 1_000_000
@@ -87,6 +91,9 @@ class StageConfig:
     """schedule=wsd: tokens of the final decay to min_lr (about 20% of the stage is the usual choice)."""
     decay_style: str = "1-sqrt"
     """schedule=wsd: shape of the final decay: linear, cosine or 1-sqrt."""
+    branch_tokens: list[int] = field(default_factory=list)
+    """schedule=wsd_s: training tokens at which a decay branch ends before the stage's end (each decays over
+    decay_tokens, saves a checkpoint, then the LR returns to the peak; train/schedule.py)."""
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -119,6 +126,13 @@ class StageConfig:
     stability: dict[str, Any] = field(default_factory=dict)
     """Overrides of the run's `stability` fields for this stage (train/stability.py), e.g.
     `+recipe.stages.anneal.stability.policy=stop`; empty keeps the run's."""
+    passkey_contexts: list[int] = field(default_factory=list)
+    """At the end of the stage, the passkey-retrieval probe (train/evals.py) at these context lengths, in
+    tokens (empty: no probe). Contexts past seq_length test extrapolation."""
+    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    """Where the key is hidden, as a fraction of the filler (0: start, 1: just before the question)."""
+    passkey_trials: int = 2
+    """Samples (random keys) per context and depth."""
 
     def arch(self, model: Arch) -> Arch:
         """The model architecture this stage trains: `model` with the stage's RoPE changes."""
@@ -160,7 +174,7 @@ class StageConfig:
             raise ConfigError(
                 f"{key}.warmup_tokens", self.warmup_tokens, f"must be in [0, tokens={self.tokens})"
             )
-        if self.schedule == "wsd":
+        if self.schedule in ("wsd", "wsd_s"):
             if self.decay_style not in WSD_DECAY_STYLES:
                 raise ConfigError(
                     f"{key}.decay_style", self.decay_style, f"choose one of {', '.join(WSD_DECAY_STYLES)}"
@@ -173,6 +187,25 @@ class StageConfig:
                     f"schedule=wsd needs a decay in (0, tokens - warmup_tokens = {room}]; "
                     f"e.g. {max(1, room // 5)} (20% of the stage)",
                 )
+        if self.branch_tokens and self.schedule != "wsd_s":
+            raise ConfigError(
+                f"{key}.branch_tokens",
+                list(self.branch_tokens),
+                "only schedule=wsd_s has branches; set it or []",
+            )
+        if self.schedule == "wsd_s":
+            ends = [self.warmup_tokens, *self.branch_tokens, self.tokens]
+            for i, (before, end) in enumerate(zip(ends, ends[1:])):
+                if end - self.decay_tokens < before or (
+                    i < len(self.branch_tokens) and end % self.batch_tokens
+                ):
+                    raise ConfigError(
+                        f"{key}.branch_tokens",
+                        list(self.branch_tokens),
+                        f"each branch end must be a multiple of batch_tokens={self.batch_tokens}, in increasing "
+                        f"order, at least decay_tokens={self.decay_tokens} after warm-up and the previous branch, "
+                        f"and that much before tokens={self.tokens}",
+                    )
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(
                 f"{key}.lr", self.lr, "must be > 0, or null to continue from the checkpoint's LR"
@@ -193,6 +226,19 @@ class StageConfig:
             raise ConfigError(
                 f"{key}.rope_theta", self.rope_theta, "must be > 0, or null for the model's own"
             )
+        if any(c < PASSKEY_MIN_CONTEXT for c in self.passkey_contexts):
+            raise ConfigError(
+                f"{key}.passkey_contexts",
+                list(self.passkey_contexts),
+                f"each context must be >= {PASSKEY_MIN_CONTEXT} tokens (room for the needle and question "
+                f"with any tokenizer), e.g. [{PASSKEY_MIN_CONTEXT}, {max(PASSKEY_MIN_CONTEXT, self.seq_length)}]",
+            )
+        if any(not 0.0 <= d <= 1.0 for d in self.passkey_depths) or not self.passkey_depths:
+            raise ConfigError(
+                f"{key}.passkey_depths", list(self.passkey_depths), "give depths in [0, 1], e.g. [0, 0.5, 1]"
+            )
+        if self.passkey_trials < 1:
+            raise ConfigError(f"{key}.passkey_trials", self.passkey_trials, "must be >= 1")
         if not self.mix or any(w <= 0 for w in self.mix.values()):
             raise ConfigError(
                 f"{key}.mix", dict(self.mix), "give each source a weight > 0, e.g. {code: 0.7, docs: 0.3}"

@@ -19,7 +19,7 @@ from models.hf import is_hf_folder, load_hf_into
 from models.llama import padded_vocab_size
 from models.moe import expert_load_stats
 from parallel.engines import OptimSettings, build_engine, out_of_memory_message
-from train import checkpoint, faults, metrics, signals
+from train import checkpoint, evals, faults, metrics, signals
 from train.average import average_into, last_checkpoints
 from train.config import StageConfig, TrainConfig
 from train.logs import MetricSinks, Progress, set_stage, set_step
@@ -48,6 +48,9 @@ class StageResult:
     checkpoint: str = ""
     stability_events: int = 0
     """Bad steps (non-finite or spiking loss/grad norm) of the stage (train/stability.py)."""
+    evals: dict[str, float] = field(default_factory=dict)
+    """Loss inside/beyond the base context (`context/...`, and `unscaled/...` for the model the stage starts
+    from at its old RoPE), passkey accuracy (`passkey/...`) and the LR after the last step (`lr_final`)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -181,6 +184,7 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         decay_tokens=stage.decay_tokens,
         decay_style=stage.decay_style,
         weight_decay=stage.weight_decay,
+        branch_tokens=stage.branch_tokens,
     )
 
     result = StageResult(stage=name, step=0, tokens=0, final=False, peak_lr=peak_lr, lr=peak_lr)
@@ -258,11 +262,24 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         order=order,
     )
     run.sinks.write(meter.stage_record(name, step=result.step))
+    base_length = evals.base_context(cfg.recipe.stages, name)
     if result.step == 0:
         positions = {}
         result.valid_start = evaluate(run, engine, valid_ds, stage, positions)
+        start = evals.unscaled_baseline(
+            engine.modules,
+            lambda out: evaluate(run, engine, valid_ds, stage, out),
+            stages=cfg.recipe.stages,
+            name=name,
+            model=cfg.model.arch(),
+        )
+        result.evals = {k: v for k, v in start.items() if not isinstance(v, list)}
         run.sinks.write(
             {"stage": name, "step": 0, "tokens": 0, **_valid_record(result.valid_start, positions=positions)}
+            | evals.context_metrics(
+                positions, seq_length=stage.seq_length, base_length=base_length, prefix="context"
+            )
+            | start
         )
         log.info("%s validation loss at start: %s", name, _fmt(result.valid_start))
 
@@ -367,7 +384,8 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
             record=record if is_log else None,
         )
         checkpoint.wait_for_saves(blocking=False)  # completes async saves written meanwhile
-        if save_every and result.step % save_every == 0 and result.step != steps:
+        branch_end = result.tokens in stage.branch_tokens  # schedule=wsd_s: a decayed model to keep
+        if (branch_end or save_every and result.step % save_every == 0) and result.step != steps:
             save()
         if signals.stop_requested(run.device):  # Slurm's USR1/TERM or the stop file, agreed by every rank
             if result.checkpoint != checkpoint.path_for(directory, result.step):
@@ -384,12 +402,26 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
     progress.close()
     positions = {}
     result.valid_end = evaluate(run, engine, valid_ds, stage, positions)
+    end = evals.context_metrics(
+        positions, seq_length=stage.seq_length, base_length=base_length, prefix="context"
+    )
+    end |= evals.stage_passkey(
+        engine,
+        stage,
+        layout=layout,
+        tokenizer_path=run.prepared.tokenizer_path,
+        vocab_size=run.vocab_size,
+        device=run.device,
+    )
+    end["lr_final"] = _current_lr(engine)
+    result.evals |= end
     run.sinks.write(
         {
             "stage": name,
             "step": result.step,
             "tokens": result.tokens,
             **_valid_record(result.valid_end, positions=positions),
+            **end,
         }
     )
     log.info(

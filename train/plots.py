@@ -133,19 +133,29 @@ def plot_step_time(records: list[dict], path: str) -> bool:
 
 def plot_position_loss(records: list[dict], path: str) -> bool:
     """Validation loss by position in the context (one line per stage and source), from
-    `valid_by_position/<source>` lists (loss per equal-width position bucket)."""
+    `valid_by_position/<source>` lists (loss per equal-width position bucket) of each stage's final
+    evaluation; dashed, `unscaled_by_position/<source>` (the model a long-context stage starts from, at the
+    new context with its old RoPE); a vertical line at the shortest context of the run (the base context)."""
     rows = [r for r in records if any(k.startswith("valid_by_position/") for k in r)]
     if not rows:
         return False
     last = {r["stage"]: r for r in rows}  # the stage's final evaluation
+    unscaled = {r["stage"]: r for r in records if any(k.startswith("unscaled_by_position/") for k in r)}
     seq_length = {r["stage"]: r["seq_length"] for r in records if "seq_length" in r}
     fig, ax = _figure("Validation loss by position in the context")
-    for stage, rec in last.items():
-        for key in sorted(k for k in rec if k.startswith("valid_by_position/")):
+    for stage, rec in [*last.items(), *unscaled.items()]:
+        prefix = "unscaled_by_position/" if rec is unscaled.get(stage) else "valid_by_position/"
+        for key in sorted(k for k in rec if k.startswith(prefix)):
             buckets = [float("nan") if v is None else v for v in rec[key]]
             seq = seq_length.get(stage, len(buckets))
             xs = [(i + 0.5) * seq / len(buckets) for i in range(len(buckets))]
-            ax.plot(xs, buckets, "o-", ms=3, label=f"{stage} {key.split('/', 1)[1]}")
+            label = f"{stage} {key.split('/', 1)[1]}"
+            if prefix.startswith("unscaled"):
+                ax.plot(xs, buckets, "x--", ms=4, label=f"{label} (start, RoPE unscaled)")
+            else:
+                ax.plot(xs, buckets, "o-", ms=3, label=label)
+    if len(set(seq_length.values())) > 1:
+        ax.axvline(min(seq_length.values()), color="gray", ls=":", lw=1, label="base context")
     ax.set_xlabel("position (tokens)")
     ax.set_ylabel("loss (nats/token)")
     ax.legend(fontsize=7)

@@ -68,8 +68,97 @@ def format_report(cfg: TrainConfig, results: list, *, sample: str) -> str:
     bad = [f"{r.stage} {r.stability_events}" for r in results if r.stability_events]
     if bad:  # train/stability.py; each one is an {"event": "stability"} record in metrics.jsonl
         lines += ["", f"Bad steps (not applied; metrics.jsonl event=stability): {', '.join(bad)}"]
+    lines += (
+        long_context_section(results, sources) + passkey_section(results) + anneal_section(results, sources)
+    )
     lines += ["", f"Greedy sample (prompt {cfg.sample_prompt!r}):", "```", sample, "```"]
     return "\n".join(lines)
+
+
+def long_context_section(results: list, sources: list[str]) -> list[str]:
+    """Per stage with positions past its base context: held-out loss inside vs beyond the base context at
+    the stage's end, and for the model it started from at the new context with its old RoPE (unscaled)."""
+    rows = []
+    for r in results:
+        for s in sources:
+            if f"context/ratio/{s}" not in r.evals:
+                continue
+
+            def cells(prefix, s=s, r=r):
+                keys = [f"{prefix}/{k}/{s}" for k in ("inside", "beyond", "ratio")]
+                return " | ".join(f"{r.evals[k]:.3f}" if k in r.evals else "-" for k in keys)
+
+            rows.append(f"| {r.stage} | {s} | {cells('context')} | {cells('unscaled')} |")
+    if not rows:
+        return []
+    return [
+        "",
+        "## Long context: held-out loss inside vs beyond the base context",
+        "",
+        "| stage | source | inside | beyond | beyond / inside | unscaled inside | unscaled beyond | "
+        "unscaled beyond / inside |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "Unscaled: the model the stage started from, evaluated at the stage's context with its old RoPE.",
+        "",
+        "![validation loss by position](report/position_loss.png)",
+    ]
+
+
+def passkey_section(results: list) -> list[str]:
+    """Passkey-retrieval accuracy (teacher-forced exact match of the key) and key loss per stage and context,
+    with the accuracy per depth."""
+    rows = []
+    for r in results:
+        contexts = sorted({int(k.split("/")[1]) for k in r.evals if k.startswith("passkey/")})
+        for c in contexts:
+            depths = sorted(
+                (k.split("/")[2][6:], v) for k, v in r.evals.items() if k.startswith(f"passkey/{c}/depth_")
+            )
+            by_depth = ", ".join(f"{d}: {v:.2f}" for d, v in sorted(depths, key=lambda x: float(x[0])))
+            rows.append(
+                f"| {r.stage} | {c} | {r.evals[f'passkey/{c}/acc']:.2f} | "
+                f"{r.evals[f'passkey/{c}/loss']:.3f} | {by_depth} |"
+            )
+    if not rows:
+        return []
+    return [
+        "",
+        "## Passkey retrieval",
+        "",
+        "| stage | context | accuracy | key loss | accuracy by depth |",
+        "|---|---|---|---|---|",
+        *rows,
+    ]
+
+
+def anneal_section(results: list, sources: list[str]) -> list[str]:
+    """Per stage that decays to LR 0: the LR after its last step, and its held-out loss per source (last
+    checkpoint, and the average of its last checkpoints when it averages) next to the first stage's end."""
+    first = results[0] if results else None
+    lines = []
+    for r in results[1:]:
+        if "lr_final" not in r.evals or r.evals["lr_final"] > 0:
+            continue
+        for s in sources:
+            if s not in r.valid_end:
+                continue
+            avg = f"{r.valid_avg[s]:.3f}" if s in r.valid_avg else "-"
+            lines.append(
+                f"| {r.stage} | {r.evals['lr_final']:.3g} | {s} | {first.valid_end.get(s, float('nan')):.3f} | "
+                f"{r.valid_end[s]:.3f} | {avg} |"
+            )
+    if not lines:
+        return []
+    return [
+        "",
+        f"## Annealing: held-out loss vs the end of {first.stage}",
+        "",
+        f"| stage | LR at end | source | end of {first.stage} | last checkpoint | averaged checkpoints |",
+        "|---|---|---|---|---|---|",
+        *lines,
+    ]
 
 
 # ------------------------------------------------------------------------- `python -m train.report <run>`

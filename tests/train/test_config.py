@@ -94,7 +94,37 @@ def test_default_config_values():
             "recipe.stages.base.decay_style",
             "1-sqrt",
         ),
+        (
+            ["recipe.stages.base.branch_tokens=[262144]"],
+            "recipe.stages.base.branch_tokens",
+            "only schedule=wsd_s has branches",
+        ),
+        (
+            [
+                "recipe.stages.base.schedule=wsd_s",
+                "recipe.stages.base.decay_tokens=65536",
+                "recipe.stages.base.branch_tokens=[98304]",  # only 32768 after the 65536-token warm-up
+            ],
+            "recipe.stages.base.branch_tokens",
+            "at least decay_tokens=65536 after warm-up and the previous branch",
+        ),
+        (
+            [
+                "recipe.stages.base.schedule=wsd_s",
+                "recipe.stages.base.decay_tokens=65536",
+                "recipe.stages.base.branch_tokens=[200000]",
+            ],
+            "recipe.stages.base.branch_tokens",
+            "multiple of batch_tokens=8192",
+        ),
         (["recipe.stages.base.warmup_tokens=-1"], "recipe.stages.base.warmup_tokens", "must be in [0"),
+        (
+            ["recipe.stages.long_context.passkey_contexts=[100,1024]"],
+            "recipe.stages.long_context.passkey_contexts",
+            "each context must be >= 256 tokens",
+        ),
+        (["recipe.stages.base.passkey_depths=[0,1.5]"], "recipe.stages.base.passkey_depths", "in [0, 1]"),
+        (["recipe.stages.base.passkey_trials=0"], "recipe.stages.base.passkey_trials", "must be >= 1"),
         (["logging.wandb.mode=sometimes"], "logging.wandb.mode", "offline, online, disabled"),
         (["only_stage=warmup"], "only_stage", "base, long_context, anneal"),
     ],
@@ -205,7 +235,9 @@ def test_average_last_needs_that_many_checkpoints_in_the_stage():
     with pytest.raises(
         ConfigError, match="recipe.stages.anneal.average_last=3: needs 2..1 .*8 steps, one every 8"
     ):
-        to_config(compose_cfg(["recipe.stages.anneal.average_last=3"]))
+        to_config(
+            compose_cfg(["recipe.stages.anneal.average_last=3", "recipe.stages.anneal.save_every_tokens=0"])
+        )
     cfg = to_config(
         compose_cfg(["recipe.stages.anneal.average_last=3", "recipe.stages.anneal.save_every_tokens=16384"])
     )

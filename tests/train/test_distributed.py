@@ -33,6 +33,7 @@ STAGES = SMALL + [
     "recipe.stages.anneal.rope_scaling.factor=2.0",
     "recipe.stages.anneal.tokens=6144",
     "recipe.stages.anneal.batch_tokens=2048",
+    "recipe.stages.anneal.average_last=0",  # 3 steps: too few checkpoints
 ]
 
 

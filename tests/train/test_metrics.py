@@ -35,6 +35,7 @@ RUN = SMALL + [
     "recipe.stages.anneal.tokens=4096",  # 2 steps at context 512
     "recipe.stages.anneal.seq_length=512",
     "recipe.stages.anneal.batch_tokens=2048",
+    "recipe.stages.anneal.average_last=0",  # 2 steps: too few checkpoints to average
 ]
 STEPS = {"base": 8, "long_context": 2, "anneal": 2}
 SEQ = {"base": 256, "long_context": 512, "anneal": 512}

@@ -163,3 +163,51 @@ def test_planner_candidate_becomes_the_prediction_the_report_compares(tmp_path):
         "time/step": (2.0, 2.5),
         "mem/peak_allocated_gb": (64.0, 60.0),
     }
+
+
+def test_report_md_sections_for_long_context_passkey_and_anneal():
+    from train.loop import StageResult
+    from train.report import anneal_section, long_context_section, passkey_section
+
+    base = StageResult("base", 8, 100, True, 1e-3, 1e-4, valid_end={"code": 3.0, "docs": 4.0})
+    lc = StageResult(
+        "long_context",
+        8,
+        100,
+        True,
+        1e-3,
+        1e-4,
+        valid_end={"code": 2.9, "docs": 3.9},
+        evals={
+            **{f"context/{k}/docs": v for k, v in (("inside", 2.0), ("beyond", 2.1), ("ratio", 1.05))},
+            **{f"unscaled/{k}/docs": v for k, v in (("inside", 2.0), ("beyond", 3.0), ("ratio", 1.5))},
+            "passkey/1024/acc": 0.5,
+            "passkey/1024/loss": 1.25,
+            "passkey/1024/depth_0/acc": 0.0,
+            "passkey/1024/depth_0.5/acc": 1.0,
+            "lr_final": 1e-4,
+        },
+    )
+    anneal = StageResult(
+        "anneal",
+        8,
+        100,
+        True,
+        1e-4,
+        1e-5,
+        valid_end={"code": 2.8, "docs": 3.5},
+        valid_avg={"docs": 3.4},
+        evals={"lr_final": 0.0},
+    )
+    results = [base, lc, anneal]
+    lines = long_context_section(results, ["code", "docs"])
+    assert "| long_context | docs | 2.000 | 2.100 | 1.050 | 2.000 | 3.000 | 1.500 |" in lines
+    assert not any(line.startswith("| long_context | code") for line in lines)  # no split for code
+    assert "![validation loss by position](report/position_loss.png)" in lines
+    assert "| long_context | 1024 | 0.50 | 1.250 | 0: 0.00, 0.5: 1.00 |" in passkey_section(results)
+    lines = anneal_section(results, ["code", "docs"])
+    assert "| anneal | 0 | docs | 4.000 | 3.500 | 3.400 |" in lines  # long_context ends at 1e-4: not listed
+    assert "| anneal | 0 | code | 3.000 | 2.800 | - |" in lines and len(lines) == 7
+    assert (
+        long_context_section([base], ["docs"]) == passkey_section([base]) == anneal_section([base], []) == []
+    )

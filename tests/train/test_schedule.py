@@ -75,3 +75,42 @@ def test_anneal_linear_to_zero_from_checkpoint_lr():
         for t in (0, 25_000, TOKENS)
     ]
     assert got == pytest.approx([1.7e-4, 1.7e-4 * 0.75, 0.0])
+
+
+def wsd_s(t, decay, shape, ends):
+    """WSD-S written out: warm-up, then per branch [previous end, end]: the peak, then `decay` tokens down
+    to MIN ending exactly at the branch end; right after a branch end, the peak again."""
+    if t <= WARMUP:
+        return PEAK * t / WARMUP
+    if t > ends[-1]:
+        return MIN
+    end = min(e for e in ends if t <= e)
+    if t <= end - decay:
+        return PEAK
+    r = (t - (end - decay)) / decay
+    coeff = {"linear": 1 - r, "cosine": 0.5 * (1 + math.cos(math.pi * r)), "1-sqrt": 1 - math.sqrt(r)}[shape]
+    return MIN + (PEAK - MIN) * coeff
+
+
+WSD_S_POINTS = [0, 5_000, 10_000, 20_000, 30_000, 35_000, 39_999, 40_000, 40_001, 50_000, 60_000, 70_000]
+
+
+@pytest.mark.parametrize("shape", ["linear", "cosine", "1-sqrt"])
+@pytest.mark.parametrize("t", WSD_S_POINTS + POINTS[6:])
+def test_wsd_s_matches_closed_form(shape, t):
+    got = lr_after(
+        t, schedule="wsd_s", decay_tokens=10_000, decay_style=shape, branch_tokens=[40_000, 70_000]
+    )
+    assert got == pytest.approx(wsd_s(t, 10_000, shape, [40_000, 70_000, TOKENS]), rel=1e-12, abs=1e-15)
+
+
+def test_wsd_s_decays_to_min_at_each_branch_then_returns_to_the_peak():
+    lr = {t: lr_after(t, schedule="wsd_s", decay_tokens=10_000, branch_tokens=[40_000]) for t in WSD_S_POINTS}
+    assert lr[30_000] == lr[50_000] == lr[60_000] == PEAK
+    assert lr[40_000] == pytest.approx(MIN) and lr[35_000] == pytest.approx(
+        MIN + (PEAK - MIN) * (1 - 0.5**0.5)
+    )
+    assert lr[40_001] == PEAK  # straight back up, no second warm-up
+    assert lr_after(TOKENS, schedule="wsd_s", decay_tokens=10_000, branch_tokens=[40_000]) == pytest.approx(
+        MIN
+    )

@@ -88,7 +88,15 @@ def test_rollback_needs_checkpoints_within_the_stage():
     ):
         to_config(compose_cfg(["stability.policy=rollback", "recipe.stages.base.save_every_tokens=0"]))
     with pytest.raises(ConfigError, match="recipe.stages.anneal.save_every_tokens=0"):
-        to_config(compose_cfg(["+recipe.stages.anneal.stability.policy=rollback"]))
+        to_config(
+            compose_cfg(
+                [
+                    "+recipe.stages.anneal.stability.policy=rollback",
+                    "recipe.stages.anneal.save_every_tokens=0",
+                    "recipe.stages.anneal.average_last=0",
+                ]
+            )
+        )
     cfg = to_config(compose_cfg(["+recipe.stages.base.stability.policy=stop", "stability.max_events=3"]))
     assert cfg.stability.policy == "skip"
     assert for_stage(cfg.stability, cfg.recipe.stages["base"].stability, key="k") == StabilityConfig(
