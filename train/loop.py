@@ -128,6 +128,7 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
             tp=layout.tp,
             sp=layout.sp,
             dtype=dtype,
+            attention_backend=cfg.model.attention_backend,
             **engine_kwargs,
         ),
         optim=OptimSettings(
