@@ -251,6 +251,17 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
     eval_every = stage.eval_every_tokens // stage.batch_tokens if stage.eval_every_tokens else 0
     save_every = stage.save_every_tokens // stage.batch_tokens if stage.save_every_tokens else 0
     params = [p for m in engine.modules for p in m.parameters() if p.requires_grad]
+
+    def batch_of(step: int) -> list[dict]:
+        idx = blend.step_indices(
+            step, batch_sequences=stage.batch_sequences, dp_rank=dp_rank, dp_size=layout.dp_size
+        )
+        micro = blend.micro_batches(train_ds, idx, micro_batch=layout.micro_batch)
+        metrics.tag_sources(micro, train_ds, idx)
+        return micro
+
+    # The next step's batch is built while this one trains (time/data_wait ~ 0 in steady state).
+    loader = blend.Prefetcher(batch_of, end=steps, pin=run.device.type == "cuda")
     for step in range(result.step, steps):
         set_step(step + 1)
         is_log = (step + 1) % cfg.logging.log_every_steps == 0 or step + 1 == steps
@@ -258,11 +269,7 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         meter.start_step()
         engine.zero_grad()
         with meter.phase("data_wait"):
-            idx = blend.step_indices(
-                step, batch_sequences=stage.batch_sequences, dp_rank=dp_rank, dp_size=layout.dp_size
-            )
-            micro = blend.micro_batches(train_ds, idx, micro_batch=layout.micro_batch)
-            metrics.tag_sources(micro, train_ds, idx)
+            micro = loader.get(step)
         lr = _current_lr(engine)
         try:
             with meter.phase("forward_backward"):
@@ -330,6 +337,7 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
                 step=result.step,
                 checkpoint=result.checkpoint,
             )
+    loader.close()
     progress.close()
     positions = {}
     result.valid_end = evaluate(run, engine, valid_ds, stage, positions)
