@@ -103,9 +103,15 @@ def build_model(
     `attention_backend`: the core-attention backend (models/spec.py attention_backend: auto, sdpa, local or te)."""
     from megatron.core import parallel_state
 
-    from parallel.fixes import apply_megatron_fixes, fix_mla_kpos_grad, fix_moe_mla_without_te
+    from parallel.fixes import (
+        apply_megatron_fixes,
+        fix_mla_kpos_grad,
+        fix_moe_mla_without_te,
+        skip_empty_rope_concat,
+    )
 
     apply_megatron_fixes()
+    skip_empty_rope_concat()
     fix_moe_mla_without_te()
     if arch.mla is not None:
         fix_mla_kpos_grad()

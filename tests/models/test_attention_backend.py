@@ -85,3 +85,20 @@ def test_model_config_takes_the_backend():
     assert "attention_backend" not in vars(cfg.model.arch())
     with pytest.raises(ConfigError, match="model.attention_backend"):
         to_config(compose_cfg(["model=llama_tiny", "model.attention_backend=flash"]))
+
+
+def test_rope_without_the_empty_concat_is_bitwise_the_same(megatron_world1):
+    import megatron.core.models.common.embeddings.rope_utils as R
+
+    from parallel.fixes import skip_empty_rope_concat
+
+    skip_empty_rope_concat()
+    assert R._apply_rotary_pos_emb_bshd.__code__.co_filename.startswith("<kiln patch")
+    torch.manual_seed(0)
+    t, freqs = torch.randn(6, 2, 4, 8), torch.randn(6, 1, 1, 8)
+    cos, sin = freqs.cos(), freqs.sin()
+    half = torch.cat((-t[..., 4:], t[..., :4]), dim=-1)
+    assert torch.equal(R._apply_rotary_pos_emb_bshd(t, freqs), t * cos + half * sin)
+    # Partial rotary (RoPE on the first 4 of 8 dims) still appends the untouched dims.
+    part = R._apply_rotary_pos_emb_bshd(t, freqs[..., :4])
+    assert torch.equal(part[..., 4:], t[..., 4:]) and part.shape == t.shape
