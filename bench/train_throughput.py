@@ -10,7 +10,7 @@ Implementations (each a full training step: zero grads, forward, backward, clip 
   plain         bench/plain_gpt.py, a single-file PyTorch GPT, torch.optim.AdamW
 The model is llama3 `--size` (a size of models/llama.py; tiny by default), fp32 on CPU and bf16 on GPU. After warm-up the
 implementations take turns step by step (so load from other processes hits them alike), and the table reports
-the median step: tokens/s, model TFLOP/s and MFU (parallel/plan/flops.py, megatron convention; the CPU peak is the
+the median step (and the fastest, the one least disturbed by other load): tokens/s, model TFLOP/s and MFU (parallel/plan/flops.py, megatron convention; the CPU peak is the
 planner's nominal 0.1 TFLOP/s), memory, and the ratio of tokens/s to `transformers`. Memory on GPU is torch's peak
 allocated during that implementation's steps; on CPU the growth of resident memory while it was built and warmed
 up (built one after another, so later rows reuse freed pages: read it as an upper bound for the first row only).
@@ -214,12 +214,14 @@ def table(all_results: dict[int, dict], *, peak: float, vocab: int) -> str:
     from parallel.plan.flops import flops_per_token, mfu
 
     lines = [
-        "| seq | batch | impl | step ms | tokens/s | TFLOP/s | MFU | memory MiB | vs transformers | last loss |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| seq | batch | impl | step ms | tokens/s | TFLOP/s | MFU | memory MiB | vs transformers | fastest step ms "
+        "| vs transformers (fastest) | last loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for seq, results in all_results.items():
         ref = results.get("transformers")
         ref_tps = None
+        ref_best = min(ref["times"]) if ref is not None else None
         for name, r in results.items():
             step_s = statistics.median(r["times"])
             tps = r["batch"] * seq / step_s
@@ -229,11 +231,13 @@ def table(all_results: dict[int, dict], *, peak: float, vocab: int) -> str:
         for name, r in results.items():
             flops = flops_per_token(r["arch"], seq_length=seq, vocab_size=vocab) * r["tokens_per_s"]
             ratio = f"{r['tokens_per_s'] / ref_tps:.2f}x" if ref is not None else "-"
+            best = min(r["times"])
+            best_ratio = f"{ref_best / best:.2f}x" if ref is not None else "-"
             lines.append(
                 f"| {seq} | {r['batch']} | {name} | {statistics.median(r['times']) * 1e3:.0f} | "
                 f"{r['tokens_per_s']:,.0f} | {flops / 1e12:.3f} | "
                 f"{mfu(r['tokens_per_s'], flops_per_token=flops / r['tokens_per_s'], peak_flops=peak):.1%} | "
-                f"{r['memory'] / 2**20:,.0f} | {ratio} | {r['loss']:.3f} |"
+                f"{r['memory'] / 2**20:,.0f} | {ratio} | {best * 1e3:.0f} | {best_ratio} | {r['loss']:.3f} |"
             )
     return "\n".join(lines)
 
