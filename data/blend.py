@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -95,6 +97,36 @@ def micro_batches(dataset, indices: range, *, micro_batch: int) -> list[dict[str
             }
         )
     return out
+
+
+class Prefetcher:
+    """Builds step s + 1's micro-batches on a background thread while step s trains, so the loop waits on data
+    only when building a batch takes longer than a training step. `build(step)` gives a step's micro-batches
+    (a pure function of the step, so resuming at any step needs no loader state). `pin`: page-locked host memory,
+    so the engine's non_blocking copy to the GPU overlaps compute."""
+
+    def __init__(self, build: Callable[[int], list[dict]], *, end: int, pin: bool = False) -> None:
+        self._build, self._end, self._pin = build, end, pin
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self._next: tuple[int, Future] | None = None
+
+    def _make(self, step: int) -> list[dict]:
+        micro = self._build(step)
+        if self._pin:
+            micro = [{k: v.pin_memory() for k, v in mb.items()} for mb in micro]
+        return micro
+
+    def get(self, step: int) -> list[dict]:
+        """Step `step`'s micro-batches; starts building the next step's before returning."""
+        if self._next is not None and self._next[0] == step:
+            future = self._next[1]
+        else:  # first call, or a jump (resume): build this one now
+            future = self._pool.submit(self._make, step)
+        self._next = (step + 1, self._pool.submit(self._make, step + 1)) if step + 1 < self._end else None
+        return future.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def step_indices(step: int, *, batch_sequences: int, dp_rank: int, dp_size: int) -> range:

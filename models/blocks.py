@@ -5,12 +5,15 @@
 - `PostNormRowParallelLinear`: megatron's RowParallelLinear followed by an RMSNorm - the "post" half of Gemma 2's
   sandwich norm (norm after attention and after the MLP, before the residual add; Gemma Team 2024, sec. 2).
 - `CoreAttention`: causal softmax attention with a sliding window, attention-logit soft-capping
-  (c tanh(x / c), Gemma 2) and separate key/value head dims (MLA), the kwargs megatron's attention passes.
+  (c tanh(x / c), Gemma 2) and separate key/value head dims (MLA), the kwargs megatron's attention passes; through
+  `torch.nn.functional.scaled_dot_product_attention` (fused kernels: FlashAttention / cuDNN on GPU, the flash CPU
+  kernel on CPU) unless `sdpa=False` or soft-capping is on (SDPA has no score modifier: the unfused path).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import RowParallelLinear
 from torch import Tensor, nn
 
@@ -69,6 +72,7 @@ class CoreAttention(nn.Module):
         v_channels: int | None = None,
         window: int | None = None,
         softcap: float | None = None,
+        sdpa: bool = True,
         **_,
     ):
         super().__init__()
@@ -76,10 +80,13 @@ class CoreAttention(nn.Module):
         dk = k_channels or config.kv_channels
         self.scale = softmax_scale if softmax_scale is not None else dk**-0.5
         self.window, self.softcap = window, softcap
+        self.sdpa = sdpa and softcap is None
 
     def forward(
         self, query: Tensor, key: Tensor, value: Tensor, attention_mask=None, *args, **kwargs
     ) -> Tensor:
+        if self.sdpa:
+            return self._sdpa(query, key, value)
         sq, b, heads, _ = query.shape
         sk = key.shape[0]
         rep = heads // key.shape[2]
@@ -92,12 +99,32 @@ class CoreAttention(nn.Module):
         scores = torch.matmul(q, k) * self.scale  # (b, heads, sq, sk)
         if self.softcap is not None:
             scores = self.softcap * torch.tanh(scores / self.softcap)
-        i = torch.arange(sq, device=scores.device).unsqueeze(1) + (sk - sq)
-        j = torch.arange(sk, device=scores.device).unsqueeze(0)
-        masked = j > i
-        if self.window is not None:  # keep the last `window` positions, itself included
-            masked = masked | (i - j >= self.window)
-        scores = scores.masked_fill(masked, float("-inf"))
+        scores = scores.masked_fill(self._masked(sq, sk, scores.device), float("-inf"))
         probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
         out = torch.matmul(probs, v)  # (b, heads, sq, dv)
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+    def _masked(self, sq: int, sk: int, device) -> Tensor:
+        """(sq, sk) True where query i may not see key j: the future, and beyond the window."""
+        i = torch.arange(sq, device=device).unsqueeze(1) + (sk - sq)
+        j = torch.arange(sk, device=device).unsqueeze(0)
+        masked = j > i
+        if self.window is not None:  # keep the last `window` positions, itself included
+            masked = masked | (i - j >= self.window)
+        return masked
+
+    def _sdpa(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        sq, b, heads, _ = query.shape
+        sk, groups = key.shape[0], key.shape[2]
+        q = query.permute(1, 2, 0, 3)  # (b, heads, sq, dk)
+        k = key.permute(1, 2, 0, 3)  # (b, groups, sk, dk)
+        v = value.permute(1, 2, 0, 3)  # (b, groups, sk, dv)
+        if groups != heads:  # GQA/MQA: each KV group serves heads / groups query heads
+            k = k.repeat_interleave(heads // groups, dim=1)
+            v = v.repeat_interleave(heads // groups, dim=1)
+        if self.window is None and sq == sk:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            allowed = ~self._masked(sq, sk, q.device)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scale)
+        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)  # (sq, b, heads * dv)

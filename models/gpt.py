@@ -15,6 +15,7 @@ from megatron.core.models.gpt import GPTModel
 from models.arch import Arch, RopeScaling
 from models.llama import padded_vocab_size
 from models.rope import KilnRotaryEmbedding
+from models.spec import attention_backend as resolve_backend
 from models.spec import block_spec, transformer_config
 
 
@@ -93,16 +94,24 @@ def build_model(
     rope_scaling_factor: float = 1.0,
     dtype: torch.dtype = torch.float32,
     config_overrides: dict | None = None,
+    attention_backend: str = "auto",
 ) -> KilnGPTModel:
     """A megatron-core GPTModel for `arch` at this layout (this pipeline stage's layers; `vp_stage` for interleaved
     PP). `rope_scaling_factor` > 1 switches RoPE to linear position interpolation (a long-context stage, Chen et al.
     2023); it changes no weights, so a checkpoint loads either way. The vocabulary is padded for TP.
-    `config_overrides`: TransformerConfig fields the engine sets (recompute, pipeline p2p; parallel/engines/)."""
+    `config_overrides`: TransformerConfig fields the engine sets (recompute, pipeline p2p; parallel/engines/).
+    `attention_backend`: the core-attention backend (models/spec.py attention_backend: auto, sdpa, local or te)."""
     from megatron.core import parallel_state
 
-    from parallel.fixes import apply_megatron_fixes, fix_mla_kpos_grad, fix_moe_mla_without_te
+    from parallel.fixes import (
+        apply_megatron_fixes,
+        fix_mla_kpos_grad,
+        fix_moe_mla_without_te,
+        skip_empty_rope_concat,
+    )
 
     apply_megatron_fixes()
+    skip_empty_rope_concat()
     fix_moe_mla_without_te()
     if arch.mla is not None:
         fix_mla_kpos_grad()
@@ -120,7 +129,9 @@ def build_model(
     model = KilnGPTModel(
         arch=arch,
         config=config,
-        transformer_layer_spec=block_spec(arch, config, vp_stage=vp_stage),
+        transformer_layer_spec=block_spec(
+            arch, config, vp_stage=vp_stage, backend=resolve_backend(attention_backend)
+        ),
         vocab_size=padded_vocab_size(vocab_size, tp),
         max_sequence_length=max_seq_length,
         pre_process=pre,

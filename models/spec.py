@@ -6,6 +6,12 @@ ColumnParallel QKV (+ bias for Qwen2) and RowParallel output, MLASelfAttention (
 linear units, MoELayer (TopKRouter, SequentialMLP experts, SharedExpertMLP), DotProductAttention (full or sliding
 window). Plain torch (models/blocks.py) where it does not: RMSNorm with (1 + w), the post-norms of the sandwich,
 core attention with soft-capping or MLA's distinct key/value head dims.
+
+Core attention has a backend (`model.attention_backend`, `attention_backend()` below): `sdpa` (models/blocks.py
+CoreAttention through torch's scaled_dot_product_attention, every layer), `local` (megatron-core's unfused
+DotProductAttention where it covers the layer, the plain-torch math elsewhere: the reference path), `te`
+(TransformerEngine's fused TEDotProductAttention where it covers the layer, sdpa elsewhere), `auto` (te when
+transformer_engine imports, else sdpa). Only the core attention changes: parameters and checkpoints are the same.
 """
 
 from __future__ import annotations
@@ -152,20 +158,49 @@ def transformer_config(
     )
 
 
-def _core_attention(arch: Arch, layer: int):
+ATTENTION_BACKENDS = ("auto", "sdpa", "local", "te")
+
+
+def attention_backend(name: str) -> str:
+    """The core-attention backend `name` resolves to here: auto -> te when transformer_engine imports, else sdpa."""
+    import importlib.util
+
+    from train.errors import ConfigError
+
+    if name not in ATTENTION_BACKENDS:
+        raise ConfigError("model.attention_backend", name, f"choose one of {', '.join(ATTENTION_BACKENDS)}")
+    has_te = importlib.util.find_spec("transformer_engine") is not None
+    if name == "te" and not has_te:
+        raise ConfigError(
+            "model.attention_backend",
+            name,
+            "transformer_engine does not import here; install TransformerEngine, or use sdpa (or auto)",
+        )
+    if name == "auto":
+        return "te" if has_te else "sdpa"
+    return name
+
+
+def _core_attention(arch: Arch, layer: int, backend: str):
     """megatron's SelfAttention calls its core_attention directly (a class or partial); MLASelfAttention goes
     through build_module (a class or ModuleSpec)."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.spec_utils import ModuleSpec
 
-    plain = (
-        arch.attn_softcap is None
-        and arch.mla is None
-        and (arch.sliding_window is None or arch.window_every == 1)
+    # megatron-core's attention covers the layer: no soft-capping, and a window (if any) on every layer (the
+    # config carries it); MLA's distinct key/value head dims only in TE's.
+    covered = arch.attn_softcap is None and (arch.sliding_window is None or arch.window_every == 1)
+    if backend == "local" and covered and arch.mla is None:
+        return DotProductAttention
+    if backend == "te" and covered:
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+        return TEDotProductAttention
+    params = dict(
+        window=arch.sliding_window if arch.is_windowed(layer) else None,
+        softcap=arch.attn_softcap,
+        sdpa=backend != "local",
     )
-    if plain:
-        return DotProductAttention  # megatron-core's own (its config carries the all-layer window)
-    params = dict(window=arch.sliding_window if arch.is_windowed(layer) else None, softcap=arch.attn_softcap)
     if arch.mla is not None:
         return ModuleSpec(module=CoreAttention, params=params)
     return functools.partial(CoreAttention, **params)
@@ -183,7 +218,7 @@ def _mlp_spec(arch: Arch, layer: int):
     return ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=fc2))
 
 
-def _attention_spec(arch: Arch, layer: int):
+def _attention_spec(arch: Arch, layer: int, backend: str):
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
     from megatron.core.transformer.enums import AttnMaskType
@@ -192,7 +227,7 @@ def _attention_spec(arch: Arch, layer: int):
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     proj = PostNormRowParallelLinear if arch.sandwich_norm else RowParallelLinear
-    core = _core_attention(arch, layer)
+    core = _core_attention(arch, layer, backend)
     if arch.mla is not None:
         return ModuleSpec(
             module=MLASelfAttention,
@@ -222,7 +257,7 @@ def _attention_spec(arch: Arch, layer: int):
     )
 
 
-def layer_spec(arch: Arch, layer: int):
+def layer_spec(arch: Arch, layer: int, *, backend: str = "sdpa"):
     """The megatron-core TransformerLayer spec of 0-based `layer`: pre-norm attention and MLP with residuals."""
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.transformer.spec_utils import ModuleSpec
@@ -232,7 +267,7 @@ def layer_spec(arch: Arch, layer: int):
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=RMSNorm,
-            self_attention=_attention_spec(arch, layer),
+            self_attention=_attention_spec(arch, layer, backend),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=RMSNorm,
             mlp=_mlp_spec(arch, layer),
@@ -241,8 +276,9 @@ def layer_spec(arch: Arch, layer: int):
     )
 
 
-def block_spec(arch: Arch, config, *, vp_stage: int | None = None):
-    """The layers this pipeline stage builds (all of them without PP), and the final norm."""
+def block_spec(arch: Arch, config, *, vp_stage: int | None = None, backend: str = "sdpa"):
+    """The layers this pipeline stage builds (all of them without PP), and the final norm; `backend` is a
+    resolved attention backend (sdpa, local or te)."""
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
         get_num_layers_to_build,
@@ -252,5 +288,6 @@ def block_spec(arch: Arch, config, *, vp_stage: int | None = None):
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(
-        layer_specs=[layer_spec(arch, i) for i in range(offset, offset + count)], layer_norm=RMSNorm
+        layer_specs=[layer_spec(arch, i, backend=backend) for i in range(offset, offset + count)],
+        layer_norm=RMSNorm,
     )

@@ -100,3 +100,27 @@ def fix_moe_mla_without_te() -> list[str]:
         MLA.TEColumnParallelLinear = MLA.TELinear = MLA.Linear = MLA.set_save_original_input = None
         fixed.append("mla_no_te")
     return fixed
+
+
+_rope_fixed = False
+
+
+def skip_empty_rope_concat() -> None:
+    """Speed, same numbers: megatron-core's RoPE ends with `cat((t, t_pass))` even when RoPE covers the whole head
+    (`t_pass` empty), a full copy of every query and key tensor in forward and backward. Return `t` then."""
+    global _rope_fixed
+    if _rope_fixed:
+        return
+    import megatron.core.models.common.embeddings.rope_utils as R
+
+    rewrite_source(
+        R,
+        "_apply_rotary_pos_emb_bshd",
+        [
+            (
+                "    return torch.cat((t, t_pass), dim=-1)",
+                "    return t if t_pass.shape[-1] == 0 else torch.cat((t, t_pass), dim=-1)",
+            )
+        ],
+    )
+    _rope_fixed = True

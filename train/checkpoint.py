@@ -370,9 +370,11 @@ class MegatronState:
         model_sd = self._model_sd()
         sharded: dict = {"model": model_sd}
         if optimizer and self.optimizer is not None:
-            # A fresh distributed optimizer has no Adam state yet: allocate it so the checkpoint has a target.
+            # A fresh distributed optimizer has no Adam state yet: allocate it so the checkpoint has a target
+            # (megatron's plain optimizer, used at data-parallel size 1, allocates its own when loading).
             for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-                opt._init_optimizer_states_with_dummy_values()
+                if hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+                    opt._init_optimizer_states_with_dummy_values()
             sharded["optimizer"] = self.optimizer.sharded_state_dict(
                 model_sd, is_loading=True, metadata=OPTIMIZER_FORMAT
             )

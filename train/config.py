@@ -17,6 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from data.config import DataConfig
 from models.arch import Arch
 from models.registry import resolve_arch
+from models.spec import attention_backend
 from parallel.layout import ParallelLayout
 from train.checkpoint import CheckpointConfig, ResumeConfig
 from train.errors import ConfigError
@@ -49,11 +50,13 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)
     """Overrides of any other architecture field (models/arch.py Arch), e.g. `+model.extra.sliding_window=512`,
     `+model.extra.rope={kind: yarn, factor: 4}` or `+model.extra.moe={top_k: 1}`."""
+    attention_backend: str = "auto"
+    """Core attention (models/spec.py): auto (te when TransformerEngine imports, else sdpa), sdpa (torch's
+    scaled_dot_product_attention: FlashAttention/cuDNN on GPU), local (megatron-core's unfused attention, the
+    reference path) or te. Numerics and checkpoints are the same whichever runs."""
 
     def arch(self) -> Arch:
-        overrides = {
-            k: v for k, v in vars(self).items() if k not in ("family", "size", "extra") and v is not None
-        }
+        overrides = {k: v for k, v in vars(self).items() if k not in _NOT_ARCH and v is not None}
         extra = OmegaConf.to_container(self.extra) if isinstance(self.extra, DictConfig) else dict(self.extra)
         clash = sorted(set(extra) & set(overrides))
         if clash:
@@ -64,6 +67,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.arch()  # raises ConfigError naming the bad key
+        attention_backend(self.attention_backend)
+
+
+_NOT_ARCH = ("family", "size", "extra", "attention_backend")
 
 
 # ---------------------------------------------------------------------------------------------- stage

@@ -27,6 +27,7 @@ def greedy_sample(cfg: TrainConfig, last, *, run, tokenizer) -> str:
         max_seq_length=stage.seq_length,
         tp=cfg.parallel.tp,
         sp=False,
+        attention_backend=cfg.model.attention_backend,
     ).to(run.device)
     checkpoint.load(last.checkpoint, model=model)
     model.eval()

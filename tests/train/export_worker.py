@@ -109,7 +109,10 @@ def save_like_loop(cfg, *, vocab_size: int, seed: int | None = 0):
         randomize(engine.modules[0], vocab_size=vocab_size, seed=seed)
     if layout.engine == "megatron":  # a saved optimizer has stepped: Adam state exists (as after a step)
         for opt in getattr(engine.optimizer, "chained_optimizers", [engine.optimizer]):
-            opt._init_optimizer_states_with_dummy_values()
+            if hasattr(opt, "_init_optimizer_states_with_dummy_values"):  # distributed optimizer
+                opt._init_optimizer_states_with_dummy_values()
+            else:  # megatron's plain optimizer (parallel=single: zero_stage 0)
+                opt.init_state_fn(opt.optimizer, opt.config)
     scheduler = build_scheduler(
         engine,
         peak_lr=stage.lr,

@@ -100,14 +100,14 @@ def test_bad_retention_is_a_config_error(key, value):
         CheckpointConfig(**{key: value})
 
 
-def build_parts(arch, *, lr: float = 1e-2):
+def build_parts(arch, *, lr: float = 1e-2, zero_stage: int = 1):
     """A world-of-one megatron model, optimizer and schedule, as the loop builds them."""
     from models.gpt import build_model
     from parallel import engine
     from parallel.layout import ParallelLayout
     from train.schedule import build_scheduler
 
-    layout = ParallelLayout(nproc_per_node=1, micro_batch=2)
+    layout = ParallelLayout(nproc_per_node=1, micro_batch=2, zero_stage=zero_stage)
     ddp = engine.wrap_ddp(build_model(arch, vocab_size=256, max_seq_length=16), layout)
     engine.configure_schedule_hooks(ddp)
     opt = engine.build_optimizer(
@@ -131,11 +131,12 @@ def tiny_arch():
     return resolve_arch("llama3", "tiny", num_layers=1, hidden_size=64, num_attention_heads=4, num_kv_heads=2)
 
 
-def test_megatron_save_is_complete_and_loads_back_exactly(megatron_world1, tmp_path):
+@pytest.mark.parametrize("zero_stage", [1, 0])  # distributed optimizer; plain (configs/parallel/single.yaml)
+def test_megatron_save_is_complete_and_loads_back_exactly(megatron_world1, tmp_path, zero_stage):
     arch = tiny_arch()
 
     def build():
-        return build_parts(arch)
+        return build_parts(arch, zero_stage=zero_stage)
 
     tokens = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
 
