@@ -12,7 +12,7 @@ import re
 import numpy as np
 
 from data.config import GopherQualityConfig, GopherRepetitionConfig
-from data.filters.text import DocText, word_traits
+from data.filters.text import DocText, word_stats
 
 # Gopher's stop words (A.1.1: "the, be, to, of, and, that, have, with"; a document needs at least two).
 STOP_WORDS = frozenset(["the", "be", "to", "of", "and", "that", "have", "with"])
@@ -33,16 +33,14 @@ class GopherQuality:
         text = doc.text
         words = doc.words
         n_words = len(words)
-        traits = [word_traits(w) for w in words]
-        lengths = [len(w) for w, (non_symbol, _) in zip(words, traits) if non_symbol]
-        n_non_symbol = len(lengths)
+        n_non_symbol, total_length, n_alpha = word_stats(words)
         # A.1.1: fewer than 50 or more than 100,000 words.
         if c.min_doc_words and n_non_symbol < c.min_doc_words:
             return "gopher_short_doc"
         if c.max_doc_words and n_non_symbol > c.max_doc_words:
             return "gopher_long_doc"
         # A.1.1: mean word length outside 3..10 characters.
-        avg = sum(lengths) / n_non_symbol if n_non_symbol else float("nan")
+        avg = total_length / n_non_symbol if n_non_symbol else float("nan")
         if c.min_avg_word_length and avg < c.min_avg_word_length:
             return "gopher_below_avg_threshold"
         if c.max_avg_word_length and avg > c.max_avg_word_length:
@@ -66,7 +64,7 @@ class GopherQuality:
             if ends / len(lines) > c.max_ellipsis_lines_ratio:
                 return "gopher_too_many_end_ellipsis"
         # A.1.1: at least 80% of words contain an alphabetic character.
-        if c.max_non_alpha_words_ratio and sum(a for _, a in traits) / n_words < c.max_non_alpha_words_ratio:
+        if c.max_non_alpha_words_ratio and n_alpha / n_words < c.max_non_alpha_words_ratio:
             return "gopher_below_alpha_threshold"
         # A.1.1: at least two of the stop words.
         if c.min_stop_words and len(STOP_WORDS.intersection(words)) < c.min_stop_words:
