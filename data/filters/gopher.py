@@ -125,9 +125,10 @@ class GopherRepetition:
         words = doc.words
         if not words:
             return None
-        vocab: dict[str, int] = {}
-        ids = np.fromiter((vocab.setdefault(w, len(vocab) + 1) for w in words), np.uint64, len(words))
-        lens = np.fromiter((len(w) for w in words), np.int64, len(words))
+        # Word ids: Python's 64-bit string hash (like the n-gram hash below, a collision is ~1e-10 likely
+        # per document), mapped in C rather than through a per-document vocabulary.
+        ids = np.fromiter(map(hash, words), np.int64, len(words)).view(np.uint64)
+        lens = np.fromiter(map(len, words), np.int64, len(words))
         csum = np.concatenate([[0], np.cumsum(lens)])  # characters of words[a:b] = csum[b] - csum[a]
         # Table A1: top 2/3/4-gram character fraction 0.20/0.18/0.16. The n-gram string is the words
         # joined by spaces; datatrove takes the first most frequent one (Counter.most_common(1)).
@@ -143,24 +144,28 @@ class GopherRepetition:
                 return f"top_{n}_gram"
         # Table A1: duplicate 5..10-gram character fraction 0.15..0.10: characters of words (joined
         # without spaces) in n-grams seen before, scanning left to right and skipping a matched n-gram.
+        cl = None
         for n, frac in self.dup:
             if len(words) < n:
                 continue
             h = _ngram_hashes(ids, n)
-            if len(np.unique(h)) == len(h):
+            uniq, first, inverse = np.unique(h, return_index=True, return_inverse=True)
+            if len(uniq) == len(h):
                 continue  # no repeated n-gram at all: nothing counted
+            # Up to the first n-gram that occurred before, every n-gram is new: start the scan there.
+            start = int(np.argmax(first[inverse] < np.arange(len(h))))
             hl = h.tolist()
-            cl = csum.tolist()
-            seen: set[int] = set()
-            repeated = idx = 0
-            m = len(hl)
+            cl = csum.tolist() if cl is None else cl
+            seen = set(hl[:start])
+            limit = frac * len(text)
+            repeated, idx, m = 0, start, len(hl)
             while idx < m:
                 if hl[idx] in seen:
                     repeated += cl[idx + n] - cl[idx]
+                    if repeated > limit and repeated / len(text) > frac:
+                        return f"duplicated_{n}_n_grams"  # the count only grows: decided
                     idx += n
                 else:
                     seen.add(hl[idx])
                     idx += 1
-            if repeated / len(text) > frac:
-                return f"duplicated_{n}_n_grams"
         return None

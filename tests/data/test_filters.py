@@ -180,8 +180,7 @@ def test_fast_tokenizer_equals_spacy_on_varied_text(monkeypatch):
 
     docs = VARIED + mixed_corpus(300)
     chunks = list(dict.fromkeys(c for d in docs for c in d.split()))
-    ft._CHUNK_TOKENS.clear()
-    ft._SPANS.clear()
+    ft.clear_caches()
     differ = [c for c in chunks if ft.chunk_tokens(c) != ft.spacy_chunk_tokens(c)]
     assert differ == []
     # The fast path did the work: far fewer spaCy calls than distinct chunks (real text: ~0.35-0.5).
@@ -197,9 +196,9 @@ def test_fast_tokenizer_equals_spacy_on_varied_text(monkeypatch):
         out += [[f(DocText(d)) for f in singles] + [C4Lines(C4Config()).clean(d)] for d in docs]
         return out
 
-    ft._CHUNK_TOKENS.clear()
+    ft.clear_caches()
     fast = decide()
-    ft._CHUNK_TOKENS.clear()
+    ft.clear_caches()
     monkeypatch.setattr(ft, "chunk_tokens", ft.spacy_chunk_tokens)
     assert decide() == fast
     kept = sum(r[1] is None for r in fast[: len(docs)])
