@@ -30,6 +30,12 @@ class FineWebQuality:
             return "short_line_ratio"
         if _duplicates(lines)[1] / len(doc.text.replace("\n", "")) > c.char_duplicates_ratio:
             return "char_dup_ratio"
-        if doc.text.count("\n") / len(doc.words) > c.new_line_ratio:
+        # Every whitespace-separated chunk holds at least one word, so newlines / chunks bounds the
+        # ratio from above: the words (spaCy's tokenizer) are only needed when that bound is exceeded.
+        newlines = doc.text.count("\n")
+        if (
+            newlines / len(doc.text.split()) > c.new_line_ratio
+            and newlines / len(doc.words) > c.new_line_ratio
+        ):
             return "list_ratio"
         return None

@@ -12,7 +12,7 @@ import re
 import numpy as np
 
 from data.config import GopherQualityConfig, GopherRepetitionConfig
-from data.filters.text import DocText, word_traits
+from data.filters.text import DocText, word_stats
 
 # Gopher's stop words (A.1.1: "the, be, to, of, and, that, have, with"; a document needs at least two).
 STOP_WORDS = frozenset(["the", "be", "to", "of", "and", "that", "have", "with"])
@@ -33,16 +33,14 @@ class GopherQuality:
         text = doc.text
         words = doc.words
         n_words = len(words)
-        traits = [word_traits(w) for w in words]
-        lengths = [len(w) for w, (non_symbol, _) in zip(words, traits) if non_symbol]
-        n_non_symbol = len(lengths)
+        n_non_symbol, total_length, n_alpha = word_stats(words)
         # A.1.1: fewer than 50 or more than 100,000 words.
         if c.min_doc_words and n_non_symbol < c.min_doc_words:
             return "gopher_short_doc"
         if c.max_doc_words and n_non_symbol > c.max_doc_words:
             return "gopher_long_doc"
         # A.1.1: mean word length outside 3..10 characters.
-        avg = sum(lengths) / n_non_symbol if n_non_symbol else float("nan")
+        avg = total_length / n_non_symbol if n_non_symbol else float("nan")
         if c.min_avg_word_length and avg < c.min_avg_word_length:
             return "gopher_below_avg_threshold"
         if c.max_avg_word_length and avg > c.max_avg_word_length:
@@ -66,7 +64,7 @@ class GopherQuality:
             if ends / len(lines) > c.max_ellipsis_lines_ratio:
                 return "gopher_too_many_end_ellipsis"
         # A.1.1: at least 80% of words contain an alphabetic character.
-        if c.max_non_alpha_words_ratio and sum(a for _, a in traits) / n_words < c.max_non_alpha_words_ratio:
+        if c.max_non_alpha_words_ratio and n_alpha / n_words < c.max_non_alpha_words_ratio:
             return "gopher_below_alpha_threshold"
         # A.1.1: at least two of the stop words.
         if c.min_stop_words and len(STOP_WORDS.intersection(words)) < c.min_stop_words:
@@ -127,9 +125,10 @@ class GopherRepetition:
         words = doc.words
         if not words:
             return None
-        vocab: dict[str, int] = {}
-        ids = np.fromiter((vocab.setdefault(w, len(vocab) + 1) for w in words), np.uint64, len(words))
-        lens = np.fromiter((len(w) for w in words), np.int64, len(words))
+        # Word ids: Python's 64-bit string hash (like the n-gram hash below, a collision is ~1e-10 likely
+        # per document), mapped in C rather than through a per-document vocabulary.
+        ids = np.fromiter(map(hash, words), np.int64, len(words)).view(np.uint64)
+        lens = np.fromiter(map(len, words), np.int64, len(words))
         csum = np.concatenate([[0], np.cumsum(lens)])  # characters of words[a:b] = csum[b] - csum[a]
         # Table A1: top 2/3/4-gram character fraction 0.20/0.18/0.16. The n-gram string is the words
         # joined by spaces; datatrove takes the first most frequent one (Counter.most_common(1)).
@@ -145,24 +144,28 @@ class GopherRepetition:
                 return f"top_{n}_gram"
         # Table A1: duplicate 5..10-gram character fraction 0.15..0.10: characters of words (joined
         # without spaces) in n-grams seen before, scanning left to right and skipping a matched n-gram.
+        cl = None
         for n, frac in self.dup:
             if len(words) < n:
                 continue
             h = _ngram_hashes(ids, n)
-            if len(np.unique(h)) == len(h):
+            uniq, first, inverse = np.unique(h, return_index=True, return_inverse=True)
+            if len(uniq) == len(h):
                 continue  # no repeated n-gram at all: nothing counted
+            # Up to the first n-gram that occurred before, every n-gram is new: start the scan there.
+            start = int(np.argmax(first[inverse] < np.arange(len(h))))
             hl = h.tolist()
-            cl = csum.tolist()
-            seen: set[int] = set()
-            repeated = idx = 0
-            m = len(hl)
+            cl = csum.tolist() if cl is None else cl
+            seen = set(hl[:start])
+            limit = frac * len(text)
+            repeated, idx, m = 0, start, len(hl)
             while idx < m:
                 if hl[idx] in seen:
                     repeated += cl[idx + n] - cl[idx]
+                    if repeated > limit and repeated / len(text) > frac:
+                        return f"duplicated_{n}_n_grams"  # the count only grows: decided
                     idx += n
                 else:
                     seen.add(hl[idx])
                     idx += 1
-            if repeated / len(text) > frac:
-                return f"duplicated_{n}_n_grams"
         return None

@@ -4,8 +4,9 @@ tokenizes once for every filter.
 Words are spaCy's English rule-based tokenizer (`spacy.blank("en").tokenizer`), the same tokens datatrove
 0.10.x's `split_into_words(text, "en")` yields (it runs that tokenizer plus a sentencizer), with
 whitespace-only tokens dropped and the rest stripped (datatrove `strip_strings`). Sentences follow spaCy's
-rule-based `Sentencizer`, which datatrove's `split_into_sentences` uses. Calling the tokenizer alone (no
-pipeline, no sentencizer) and once per document for all filters is most of the speed-up over datatrove.
+rule-based `Sentencizer`, which datatrove's `split_into_sentences` uses. The tokenizer runs alone (no
+pipeline, no sentencizer), once per document for all filters, and only on chunks whose shape it has not
+seen (`_Canon`); `spacy_chunk_tokens` is the unoptimized reference the tests compare against.
 """
 
 from __future__ import annotations
@@ -66,21 +67,185 @@ def _sentence_punct() -> frozenset[str]:
 
 
 _CHUNK_TOKENS: dict[str, tuple[str, ...]] = {}
+_SPANS: dict[str, tuple[tuple[tuple[int, int], ...], bool]] = {}
 _CACHE_LIMIT = 2_000_000
 _WS_RUN = re.compile(r"(\s+)")
+_ALNUM_RUN = re.compile(r"[^\W_]+")
+# A letter right after a digit, quote or degree sign, or right before "$": where spaCy's suffix and
+# prefix rules read ASCII letters literally (units "5km", "'s", "°F.", "US$"). Such chunks are not
+# canonicalized.
+_RISKY = re.compile(r"[0-9'\u2019\u00b0][^\W\d_]|[^\W\d_]\$")
+
+
+def spacy_chunk_tokens(chunk: str) -> tuple[str, ...]:
+    """spaCy's own tokens of one whitespace-free chunk (the reference the fast path must equal)."""
+    return tuple(t.text for t in _tokenizer()(chunk))
+
+
+def _regex_atoms(pattern: re.Pattern) -> tuple[list[tuple[int, int]], bool]:
+    """Every literal character and character range in a compiled `re` pattern (ranges as inclusive
+    code point pairs; a literal is a range of one), and whether the pattern is safe to reason about by
+    character classes (no back-references, no case folding)."""
+    from re import _constants as sc
+    from re import _parser as sp
+
+    ok = not pattern.flags & re.IGNORECASE
+    atoms: list[tuple[int, int]] = []
+
+    def walk(items) -> None:
+        nonlocal ok
+        for op, av in items:
+            if op in (sc.LITERAL, sc.NOT_LITERAL):
+                atoms.append((av, av))
+            elif op is sc.RANGE:
+                atoms.append(av)
+            elif op is sc.IN:
+                walk(av)
+            elif op is sc.BRANCH:
+                for branch in av[1]:
+                    walk(branch)
+            elif op is sc.SUBPATTERN:
+                walk(av[3])
+            elif op in (sc.MAX_REPEAT, sc.MIN_REPEAT, sc.POSSESSIVE_REPEAT):
+                walk(av[2])
+            elif op in (sc.ASSERT, sc.ASSERT_NOT):
+                walk(av[1])
+            elif op in (sc.GROUPREF, sc.GROUPREF_EXISTS):
+                ok = False
+            # AT (anchors), ANY, CATEGORY (\w \d \s, handled by the class key), NEGATE: no atoms.
+
+    walk(sp.parse(pattern.pattern, pattern.flags))
+    return atoms, ok
+
+
+class _Canon:
+    """Which characters spaCy's tokenizer cannot tell apart, so that a chunk's tokens can be read off a
+    representative chunk already tokenized. spaCy's tokenizer (spaCy 3, `Tokenizer._split_affixes` and
+    `_attach_tokens`) decides a chunk's tokens with (a) its prefix, suffix, infix and URL regexes and (b)
+    exact-string lookups of its special cases. Two letters or digits that fall in the same elementary
+    interval of every literal and range of those regexes and agree on \\w, \\d and \\s are matched alike
+    by every regex (none uses back-references or case folding: checked here), so replacing one by the
+    other changes no regex decision. Special cases are exact strings: a chunk is only canonicalized when
+    none of its (or its canonical form's) letter/digit runs occurs in any special case or in the tokens
+    of one, so no special-case lookup can succeed for either. Lengths are kept, so token offsets carry
+    over; a representative whose tokens split a letter/digit run falls back to spaCy on the chunk."""
+
+    def __init__(self) -> None:
+        from bisect import bisect_right
+
+        from spacy.attrs import ORTH
+
+        tok = _tokenizer()
+        patterns = [getattr(tok, n).__self__ for n in ("prefix_search", "suffix_search", "infix_finditer")]
+        patterns += [tok.url_match.__self__] if tok.url_match is not None else []
+        self.enabled = tok.token_match is None
+        bounds = set()
+        for pat in patterns:
+            atoms, ok = _regex_atoms(pat)
+            self.enabled &= ok
+            for a, b in atoms:
+                if a == b and chr(a).isascii() and chr(a).isalpha():
+                    # ASCII letters appear as literals only in affixes that need a context _RISKY
+                    # excludes: units and currencies after a digit, 's after a quote, "°F." and "US$".
+                    self.enabled &= (
+                        pat is not tok.infix_finditer.__self__ and pat is not tok.url_match.__self__
+                    )
+                    continue
+                bounds.update((a, b + 1))
+        self._bounds = sorted(bounds)
+        self._bisect = bisect_right
+        # Letter/digit runs of the special cases and of the tokens the special-case matcher looks for.
+        plain = type(tok)(
+            tok.vocab,
+            prefix_search=tok.prefix_search,
+            suffix_search=tok.suffix_search,
+            infix_finditer=tok.infix_finditer,
+            url_match=tok.url_match,
+        )
+        cores: set[str] = set()
+        for key, subs in tok.rules.items():
+            cores.update(_ALNUM_RUN.findall(key))
+            for piece in [s.get(ORTH, s.get("ORTH", "")) for s in subs] + [t.text for t in plain(key)]:
+                cores.update(_ALNUM_RUN.findall(piece))
+        self.cores = frozenset(cores)
+        self.table: dict[int, str] = {}  # code point -> its representative (only letters and digits)
+        self._rep_of_key: dict[tuple, str] = {}
+        self._known: set[str] = set()
+
+    def learn(self, text: str) -> None:
+        """Add text's unseen letters and digits to the translation table."""
+        for ch in set(text) - self._known:
+            self._known.add(ch)
+            if not ch.isalnum():
+                continue
+            cp = ord(ch)
+            key = (self._bisect(self._bounds, cp), ch.isdecimal(), ch.isalpha())
+            rep = self._rep_of_key.setdefault(key, ch)
+            if rep != ch:
+                self.table[cp] = rep
+
+    def __call__(self, chunk: str) -> str:
+        """The chunk's representative: itself, or the chunk with letters and digits replaced."""
+        if not self.enabled:
+            return chunk
+        if _RISKY.search(chunk):
+            return chunk
+        rep = chunk.translate(self.table)
+        if rep != chunk and not (
+            self.cores.isdisjoint(_ALNUM_RUN.findall(chunk))
+            and self.cores.isdisjoint(_ALNUM_RUN.findall(rep))
+        ):
+            return chunk
+        return rep
+
+
+@lru_cache(maxsize=1)
+def _canon() -> _Canon:
+    return _Canon()
+
+
+def _spans(rep: str) -> tuple[tuple[tuple[int, int], ...], bool]:
+    """spaCy's tokens of `rep` as (start, end) offsets, and whether a token boundary falls between two
+    letters/digits (then the offsets are only trusted for `rep` itself)."""
+    got = _SPANS.get(rep)
+    if got is None:
+        _canon().learn(rep)
+        spans, i, cut = [], 0, False
+        for t in spacy_chunk_tokens(rep):
+            j = rep.index(t, i)
+            spans.append((j, j + len(t)))
+            cut |= i > 0 and rep[i - 1].isalnum() and rep[j].isalnum()
+            i = j + len(t)
+        got = (tuple(spans), cut or i != len(rep))
+        _SPANS[rep] = got
+    return got
 
 
 def chunk_tokens(chunk: str) -> tuple[str, ...]:
     """spaCy's tokens of one whitespace-free chunk, cached. spaCy's tokenizer splits text at whitespace
     first and tokenizes each chunk alone (prefixes, suffixes, infixes, special cases), so a document's
-    tokens are its chunks' tokens in order and a chunk seen once never needs the tokenizer again."""
+    tokens are its chunks' tokens in order. A new chunk is first mapped to its representative (`_Canon`:
+    "Hello," and "World," share "Xxxxx,"-like offsets), so spaCy runs once per distinct shape, not per
+    distinct chunk."""
     toks = _CHUNK_TOKENS.get(chunk)
     if toks is None:
         if len(_CHUNK_TOKENS) >= _CACHE_LIMIT:
             _CHUNK_TOKENS.clear()
-        toks = tuple(t.text for t in _tokenizer()(chunk))
+            _SPANS.clear()
+        rep = _canon()(chunk)
+        spans, cut = _spans(rep)
+        if cut and rep != chunk:
+            spans, _ = _spans(chunk)
+        toks = (chunk,) if len(spans) == 1 else tuple(chunk[a:b] for a, b in spans)
         _CHUNK_TOKENS[chunk] = toks
     return toks
+
+
+def clear_caches() -> None:
+    """Forget every cached chunk, representative and word code (benchmarks measure a cold start)."""
+    _CHUNK_TOKENS.clear()
+    _SPANS.clear()
+    _WORD_CODES.clear()
 
 
 def split_words(text: str) -> list[str]:
@@ -117,7 +282,7 @@ def count_sentences(text: str) -> int:
     Sentencizer rule (a new sentence starts at the first non-punctuation token after a sentence-final
     mark). Text without any sentence-final character is one sentence."""
     punct = _sentence_punct()
-    if not any(c in punct for c in text):
+    if punct.isdisjoint(text):
         return 1
     starts = 1
     seen_period = False
@@ -131,10 +296,30 @@ def count_sentences(text: str) -> int:
     return starts
 
 
-@lru_cache(maxsize=1 << 20)
-def word_traits(word: str) -> tuple[bool, bool]:
-    """(has a character outside PUNCTUATION_SET, has an alphabetic character), cached per distinct word."""
-    return any(ch not in PUNCTUATION_SET for ch in word), any(ch.isalpha() for ch in word)
+_WORD_CODES: dict[str, int] = {}
+_FIELD = 1 << 32
+
+
+def _word_code(word: str) -> int:
+    non_symbol = any(ch not in PUNCTUATION_SET for ch in word)
+    alpha = any(ch.isalpha() for ch in word)
+    return non_symbol + alpha * _FIELD + (len(word) if non_symbol else 0) * _FIELD * _FIELD
+
+
+def word_stats(words: list[str]) -> tuple[int, int, int]:
+    """(words with a character outside PUNCTUATION_SET, total length of those words, words with an
+    alphabetic character). Each distinct word is coded once as one integer with the three counts in
+    separate 32-bit fields, so a document's counts are one C-level sum over its words."""
+    codes = _WORD_CODES
+    try:
+        total = sum(map(codes.__getitem__, words))
+    except KeyError:
+        if len(codes) >= _CACHE_LIMIT:
+            codes.clear()
+        for w in set(words).difference(codes):
+            codes[w] = _word_code(w)
+        total = sum(map(codes.__getitem__, words))
+    return total % _FIELD, total // (_FIELD * _FIELD), total // _FIELD % _FIELD
 
 
 class DocText:

@@ -156,3 +156,50 @@ def test_decisions_equal_datatrove(corpus):
             assert reason == r[1]
             dropped += 1
     assert 0 < dropped < len(corpus)  # the sample exercises both outcomes
+
+
+VARIED = [
+    "Don't stop: U.S. prices rose 3.5% (a lot)... e-mail me at a@b.com! It's 10km, 5kg and 12:30:45 today.",
+    "See https://example.com/path?x=1&y=2, www.kiln.dev or user@example.org; C++ and a/b x=y --option.",
+    "Prices: $5, US$10, 5$, €3.50, 1,000,000 and 3.14; it was 451°F. Mr. Smith, Dr. Who etc. can't gonna.",
+    "O'Neil's rock'n'roll, well-known 'quoted' \"double\" (parenthetical) [bracket] {curly} … !!! ??? ...",
+    "Naïve café in der Straße, ÉCOLE Ångström; ﬁ ligature; ＦＵＬＬＷＩＤＴＨ text; emoji 😀 test #hashtag @mention.",
+    "Привет, мир! Это тест: 5км, 3кг и «кавычки» — тире. Ёлка, ещё; ПРОПИСНЫЕ буквы.",
+    "日本語のテキスト。中文，标点符号！한국어 문장입니다. مرحبا بالعالم. हिन्दी पाठ है। Ελληνικά κείμενα.",
+    "Zażółć gęślą jaźń. Příliš žluťoučký kůň úpěl ďábelské ódy. ¿Qué tal? ¡Muy bien! L'été, aujourd'hui.",
+    "snake_case camelCase ALLCAPS Title Mixed123 123abc 2nd 3rd 4th 1990s '90s A. B. C. e.g. i.e. vs.",
+    "\x1b[31mred\x1b[0m tab\tseparated\u00a0nbsp\u200bzero-width line\nnew\n\nparagraph ::: ;; ,, -- —",
+]
+
+
+def test_fast_tokenizer_equals_spacy_on_varied_text(monkeypatch):
+    """The fast path (canonical representatives, data/filters/text.py `_Canon`) gives spaCy's own tokens
+    for every chunk of a varied corpus, and the filters decide the same with it as with spaCy per chunk."""
+    from data.filters import text as ft
+    from data.samples import mixed_corpus
+
+    docs = VARIED + mixed_corpus(300)
+    chunks = list(dict.fromkeys(c for d in docs for c in d.split()))
+    ft.clear_caches()
+    differ = [c for c in chunks if ft.chunk_tokens(c) != ft.spacy_chunk_tokens(c)]
+    assert differ == []
+    # The fast path did the work: far fewer spaCy calls than distinct chunks (real text: ~0.35-0.5).
+    assert len(ft._SPANS) < 0.8 * len(chunks), (len(ft._SPANS), len(chunks))
+
+    cfg = FiltersConfig()
+    cfg.gopher_repetition.enabled = cfg.gopher_quality.enabled = cfg.c4.enabled = cfg.fineweb.enabled = True
+    singles = [GopherQuality(GopherQualityConfig()), GopherRepetition(GopherRepetitionConfig())]
+    singles += [FineWebQuality(FineWebConfig())]
+
+    def decide():
+        out = [FilterChain(cfg)(d) for d in docs]
+        out += [[f(DocText(d)) for f in singles] + [C4Lines(C4Config()).clean(d)] for d in docs]
+        return out
+
+    ft.clear_caches()
+    fast = decide()
+    ft.clear_caches()
+    monkeypatch.setattr(ft, "chunk_tokens", ft.spacy_chunk_tokens)
+    assert decide() == fast
+    kept = sum(r[1] is None for r in fast[: len(docs)])
+    assert 0 < kept < len(docs)  # both outcomes exercised
