@@ -254,3 +254,24 @@ class Arch:
                     f"MLA has one key/value per head: must equal num_attention_heads={self.num_attention_heads}",
                 )
         return self
+
+
+ATTENTION_BACKENDS = ("auto", "sdpa", "local", "te")
+
+
+def attention_backend(name: str) -> str:
+    """The core-attention backend `name` resolves to here: auto -> te when transformer_engine imports, else sdpa."""
+    import importlib.util
+
+    if name not in ATTENTION_BACKENDS:
+        raise ConfigError("model.attention_backend", name, f"choose one of {', '.join(ATTENTION_BACKENDS)}")
+    has_te = importlib.util.find_spec("transformer_engine") is not None
+    if name == "te" and not has_te:
+        raise ConfigError(
+            "model.attention_backend",
+            name,
+            "transformer_engine does not import here; install TransformerEngine, or use sdpa (or auto)",
+        )
+    if name == "auto":
+        return "te" if has_te else "sdpa"
+    return name

@@ -13,9 +13,9 @@ import torch
 from megatron.core.models.gpt import GPTModel
 
 from models.arch import Arch, RopeScaling
+from models.arch import attention_backend as resolve_backend
 from models.llama import padded_vocab_size
 from models.rope import KilnRotaryEmbedding
-from models.spec import attention_backend as resolve_backend
 from models.spec import block_spec, transformer_config
 
 

@@ -7,7 +7,7 @@ linear units, MoELayer (TopKRouter, SequentialMLP experts, SharedExpertMLP), Dot
 window). Plain torch (models/blocks.py) where it does not: RMSNorm with (1 + w), the post-norms of the sandwich,
 core attention with soft-capping or MLA's distinct key/value head dims.
 
-Core attention has a backend (`model.attention_backend`, `attention_backend()` below): `sdpa` (models/blocks.py
+Core attention has a backend (`model.attention_backend`, `models.arch.attention_backend()`): `sdpa` (models/blocks.py
 CoreAttention through torch's scaled_dot_product_attention, every layer), `local` (megatron-core's unfused
 DotProductAttention where it covers the layer, the plain-torch math elsewhere: the reference path), `te`
 (TransformerEngine's fused TEDotProductAttention where it covers the layer, sdpa elsewhere), `auto` (te when
@@ -156,29 +156,6 @@ def transformer_config(
         **_moe_kwargs(arch, ep=ep, etp=etp),
         **_mla_kwargs(arch),
     )
-
-
-ATTENTION_BACKENDS = ("auto", "sdpa", "local", "te")
-
-
-def attention_backend(name: str) -> str:
-    """The core-attention backend `name` resolves to here: auto -> te when transformer_engine imports, else sdpa."""
-    import importlib.util
-
-    from train.errors import ConfigError
-
-    if name not in ATTENTION_BACKENDS:
-        raise ConfigError("model.attention_backend", name, f"choose one of {', '.join(ATTENTION_BACKENDS)}")
-    has_te = importlib.util.find_spec("transformer_engine") is not None
-    if name == "te" and not has_te:
-        raise ConfigError(
-            "model.attention_backend",
-            name,
-            "transformer_engine does not import here; install TransformerEngine, or use sdpa (or auto)",
-        )
-    if name == "auto":
-        return "te" if has_te else "sdpa"
-    return name
 
 
 def _core_attention(arch: Arch, layer: int, backend: str):

@@ -17,7 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from data.config import DataConfig
 from models.arch import Arch
 from models.registry import resolve_arch
-from models.spec import attention_backend
+from models.arch import attention_backend
 from parallel.layout import ParallelLayout
 from train.checkpoint import CheckpointConfig, ResumeConfig
 from train.errors import ConfigError

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from models.arch import attention_backend
 from models.blocks import CoreAttention
 from models.gpt import build_model
-from models.spec import attention_backend
 from tests.models.hf_helpers import CASES, SEQ, VOCAB, arch_of
 from train.errors import ConfigError
 

@@ -1,5 +1,6 @@
-"""The memory model against bytes measured in our own CPU run: megatron-core's GPTModel (local spec, fp32),
-DDP + distributed optimizer after one step; activations are the tensors autograd saves for the backward."""
+"""The memory model against bytes measured in our own CPU run: megatron-core's GPTModel (fp32, core attention
+unfused ("local", scores saved) or SDPA (flash: no scores saved)), DDP + distributed optimizer after one step;
+activations are the tensors autograd saves for the backward."""
 
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ from parallel.plan.memory import Layout, memory_per_gpu
 
 
 @pytest.mark.slow  # builds megatron-core's model and optimizer (~15-40 s on a loaded 2-core machine)
-@pytest.mark.parametrize("micro_batch", [1, 2])
-def test_memory_model_matches_measured_cpu_bytes(megatron_world1, micro_batch):
+@pytest.mark.parametrize(("micro_batch", "backend"), [(1, "local"), (2, "local"), (1, "sdpa"), (2, "sdpa")])
+def test_memory_model_matches_measured_cpu_bytes(megatron_world1, micro_batch, backend):
     arch, vocab, seq = sizes("llama3")["tiny"], 4096, 256
     layout = ParallelLayout(nproc_per_node=1, micro_batch=micro_batch)
-    model = build_model(arch, vocab_size=vocab, max_seq_length=seq)
+    model = build_model(arch, vocab_size=vocab, max_seq_length=seq, attention_backend=backend)
     ddp = engine.wrap_ddp(model, layout)
     opt = engine.build_optimizer(
         ddp, layout=layout, lr=1e-3, min_lr=0.0, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, clip_grad=1.0,
@@ -50,7 +51,7 @@ def test_memory_model_matches_measured_cpu_bytes(megatron_world1, micro_batch):
     )
     predicted = memory_per_gpu(
         arch, Layout(micro_batch=micro_batch), vocab_size=vocab, seq_length=seq, num_microbatches=1,
-        flash_attention=False, precision="fp32", kernels="local",
+        flash_attention=backend == "sdpa", precision="fp32", kernels="local",
     )  # fmt: skip
     assert (weights, grads, optim) == (predicted.weights, predicted.grads, predicted.optimizer)  # 4 + 4 + 8 B
     measured = sum(saved.values())
