@@ -84,18 +84,17 @@ def valid_datasets(
     return out
 
 
+SEQUENCE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+"""The per-token tensors of a sample, (batch, seq) once collated."""
+
+
 def micro_batches(dataset, indices: range, *, micro_batch: int) -> list[dict[str, torch.Tensor]]:
     """Collate `dataset[i]` for i in `indices` into micro-batches of `micro_batch` sequences."""
     out = []
     idx = list(indices)
     for start in range(0, len(idx), micro_batch):
         samples = [dataset[i] for i in idx[start : start + micro_batch]]
-        out.append(
-            {
-                k: torch.stack([torch.as_tensor(s[k]) for s in samples])
-                for k in ("tokens", "labels", "loss_mask", "position_ids")
-            }
-        )
+        out.append({k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in SEQUENCE_KEYS})
     return out
 
 
@@ -129,8 +128,27 @@ class Prefetcher:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def step_indices(step: int, *, batch_sequences: int, dp_rank: int, dp_size: int) -> range:
-    """This data-parallel rank's share of global batch `step` (contiguous slice of the global sample order)."""
+def step_indices(first: int, *, batch_sequences: int, dp_rank: int, dp_size: int) -> range:
+    """This data-parallel rank's share of the global batch of `batch_sequences` samples that starts at sample
+    `first` (a contiguous slice of the global sample order)."""
     per_rank = batch_sequences // dp_size
-    first = step * batch_sequences + dp_rank * per_rank
-    return range(first, first + per_rank)
+    start = first + dp_rank * per_rank
+    return range(start, start + per_rank)
+
+
+def split_sequences(micro: list[dict[str, torch.Tensor]], seq_length: int) -> list[dict[str, torch.Tensor]]:
+    """Cut each sample of each micro-batch into sequences of `seq_length` tokens, in order, each with its own
+    positions from 0 (sequence-length warm-up, train/ramp.py); per-sample tensors ("source") are repeated."""
+    out = []
+    for mb in micro:
+        rows, length = mb["tokens"].shape
+        k = length // seq_length
+        cut = {}
+        for key, v in mb.items():
+            if key in SEQUENCE_KEYS:
+                cut[key] = v.reshape(rows * k, seq_length)
+            else:
+                cut[key] = v.repeat_interleave(k, dim=0)
+        cut["position_ids"] = cut["position_ids"] - cut["position_ids"][:, :1]
+        out.append(cut)
+    return out

@@ -269,9 +269,12 @@ class ParallelLayout:
             )
 
     # ------------------------------------------------------------------------------------ the batch
-    def check_batch(self, *, key: str, sequences: int, seq_length: int | None = None) -> None:
+    def check_batch(
+        self, *, key: str, sequences: int, seq_length: int | None = None, seq_key: str | None = None
+    ) -> None:
         """A global batch of `sequences` must split into whole micro-batches on every data-parallel rank
-        (and into `grad_accum` of them when it is set); SP and CP split the sequence."""
+        (and into `grad_accum` of them when it is set); SP and CP split the sequence (`seq_key` names the
+        setting of `seq_length`; default: the `seq_length` next to `key`)."""
         per_step = self.dp_size * self.micro_batch
         if sequences % per_step:
             lo = max(per_step, sequences // per_step * per_step)
@@ -302,7 +305,7 @@ class ParallelLayout:
             if seq_length % split:
                 what = "tp (sequence parallel)" if self.cp == 1 else "tp*2*cp (sequence and context parallel)"
                 raise ConfigError(
-                    key.rsplit(".", 1)[0] + ".seq_length",
+                    seq_key or key.rsplit(".", 1)[0] + ".seq_length",
                     seq_length,
                     f"the sequence length must be a multiple of {what} = {split}; "
                     f"try {max(split, seq_length // split * split)}",

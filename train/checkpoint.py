@@ -119,6 +119,25 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+def _new_stage_default(key: str, value) -> bool:
+    """Whether `key` is a stage field at its default (`recipe.stages.<stage>.<field>`): a field added to
+    StageConfig after a checkpoint was saved is absent from its record and, left at its default, changes
+    nothing the checkpoint computed."""
+    import dataclasses
+
+    from train.config import StageConfig
+
+    parts = key.split(".")
+    if len(parts) != 4 or parts[:2] != ["recipe", "stages"]:
+        return False
+    fields = {f.name: f for f in dataclasses.fields(StageConfig)}
+    f = fields.get(parts[3])
+    if f is None:
+        return False
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return json.loads(json.dumps(default)) == value
+
+
 def check_resume(path: str, current: dict, *, allow: list[str]) -> None:
     """Refuse to resume from `path` when the run config changed since it was saved in a way that breaks an
     exact resume, naming every changed key; keys under an `allow` prefix pass (with a warning)."""
@@ -134,7 +153,7 @@ def check_resume(path: str, current: dict, *, allow: list[str]) -> None:
         k
         for k in set(saved) | set(current)
         if saved.get(k, "<absent>") != current.get(k, "<absent>")
-        and not (k in RECORDED_LATER and k not in saved)
+        and not (k not in saved and (k in RECORDED_LATER or _new_stage_default(k, current[k])))
     )
 
     def allowed(key: str) -> bool:

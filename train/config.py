@@ -15,12 +15,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from data.config import DataConfig
-from models.arch import Arch
+from models.arch import Arch, attention_backend
 from models.registry import resolve_arch
-from models.arch import attention_backend
 from parallel.layout import ParallelLayout
 from train.checkpoint import CheckpointConfig, ResumeConfig
 from train.errors import ConfigError
+from train.ramp import Phase, crossings, is_boundary, phases
 from train.schedule import SCHEDULES, WSD_DECAY_STYLES
 from train.stability import StabilityConfig, for_stage
 
@@ -86,6 +86,13 @@ class StageConfig:
     """Context length of this stage's samples."""
     batch_tokens: int = 4096
     """Global batch in tokens (a multiple of seq_length); steps = tokens / batch_tokens."""
+    batch_ramp: list[list[int]] = field(default_factory=list)
+    """Batch-size ramp, [[until_tokens, batch_tokens], ...] with until_tokens increasing: the global batch is an
+    entry's batch_tokens while the stage has trained fewer than its until_tokens tokens, then the stage's
+    batch_tokens (train/ramp.py). Llama 3 405B: [[252000000000, 4194304], [2870000000000, 8388608]] before 16M."""
+    seq_ramp: list[list[int]] = field(default_factory=list)
+    """Sequence-length warm-up, [[until_tokens, seq_length], ...]: while an entry applies, each packed sample is
+    trained as seq_length / <entry> sequences of the entry's length (same tokens per step; train/ramp.py)."""
     lr: float | None = 3e-3
     """Peak learning rate; null starts from the learning rate the init_from checkpoint ended at."""
     min_lr: float = 3e-4
@@ -171,10 +178,10 @@ class StageConfig:
                 f"must be a multiple of seq_length={self.seq_length}; try "
                 f"{max(1, self.batch_tokens // self.seq_length) * self.seq_length}",
             )
-        if self.tokens < self.batch_tokens:
-            raise ConfigError(
-                f"{key}.tokens", self.tokens, f"must cover at least one batch ({self.batch_tokens} tokens)"
-            )
+        self._check_ramps(key)
+        first = self.batch_ramp[0][1] if self.batch_ramp else self.batch_tokens
+        if self.tokens < first:
+            raise ConfigError(f"{key}.tokens", self.tokens, f"must cover at least one batch ({first} tokens)")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"{key}.schedule", self.schedule, f"choose one of {', '.join(SCHEDULES)}")
         if not 0 <= self.warmup_tokens < self.tokens:
@@ -204,12 +211,13 @@ class StageConfig:
             ends = [self.warmup_tokens, *self.branch_tokens, self.tokens]
             for i, (before, end) in enumerate(zip(ends, ends[1:])):
                 if end - self.decay_tokens < before or (
-                    i < len(self.branch_tokens) and end % self.batch_tokens
+                    i < len(self.branch_tokens) and not is_boundary(self.plan(), end)
                 ):
                     raise ConfigError(
                         f"{key}.branch_tokens",
                         list(self.branch_tokens),
-                        f"each branch end must be a multiple of batch_tokens={self.batch_tokens}, in increasing "
+                        f"each branch end must end a step (a multiple of batch_tokens={self.batch_tokens} "
+                        "without a batch_ramp), in increasing "
                         f"order, at least decay_tokens={self.decay_tokens} after warm-up and the previous branch, "
                         f"and that much before tokens={self.tokens}",
                     )
@@ -220,14 +228,14 @@ class StageConfig:
         if self.min_lr < 0 or (self.lr is not None and self.min_lr > self.lr):
             raise ConfigError(f"{key}.min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
         if self.average_last:
-            every = self.save_every_tokens // self.batch_tokens if self.save_every_tokens else 0
-            saved = (self.steps - 1) // every + 1 if every else 1
+            saved = crossings(self.plan(), self.save_every_tokens) + 1
             if not 1 < self.average_last <= saved:
                 raise ConfigError(
                     f"{key}.average_last",
                     self.average_last,
                     f"needs 2..{saved} (the checkpoints this stage saves: {self.steps} steps, one every "
-                    f"{every or self.steps}); save more often with save_every_tokens, or use 0",
+                    f"{self.save_every_tokens or self.tokens} tokens and the last); save more often with "
+                    "save_every_tokens, or use 0",
                 )
         if self.rope_theta is not None and self.rope_theta <= 0:
             raise ConfigError(
@@ -251,9 +259,61 @@ class StageConfig:
                 f"{key}.mix", dict(self.mix), "give each source a weight > 0, e.g. {code: 0.7, docs: 0.3}"
             )
 
+    def _check_ramps(self, key: str) -> None:
+        for attr, what in (("batch_ramp", "batch_tokens"), ("seq_ramp", "seq_length")):
+            ramp = getattr(self, attr)
+            example = "[[1000000, 4096]]" if attr == "batch_ramp" else f"[[1000000, {self.seq_length // 2}]]"
+            ok = all(isinstance(e, (list, tuple)) and len(e) == 2 for e in ramp)
+            until = [e[0] for e in ramp] if ok else []
+            if not ok or any(not 0 < u < self.tokens for u in until) or until != sorted(set(until)):
+                raise ConfigError(
+                    f"{key}.{attr}",
+                    [list(e) if isinstance(e, (list, tuple)) else e for e in ramp],
+                    f"give [[until_tokens, {what}], ...] with until_tokens increasing in (0, tokens={self.tokens}),"
+                    f" e.g. {example}",
+                )
+        for _, b in self.batch_ramp:
+            if b <= 0 or b % self.seq_length:
+                raise ConfigError(
+                    f"{key}.batch_ramp",
+                    [list(e) for e in self.batch_ramp],
+                    f"batch {b}: each batch must be a positive multiple of seq_length={self.seq_length}",
+                )
+        for _, s in self.seq_ramp:
+            if not 0 < s < self.seq_length or self.seq_length % s:
+                raise ConfigError(
+                    f"{key}.seq_ramp",
+                    [list(e) for e in self.seq_ramp],
+                    f"length {s}: each length must divide seq_length={self.seq_length} and be shorter, e.g. "
+                    f"{self.seq_length // 2}",
+                )
+
+    def plan(self) -> list[Phase]:
+        """The stage's steps as phases of one batch size and training length (train/ramp.py)."""
+        return phases(
+            tokens=self.tokens,
+            seq_length=self.seq_length,
+            batch_tokens=self.batch_tokens,
+            batch_ramp=[list(e) for e in self.batch_ramp],
+            seq_ramp=[list(e) for e in self.seq_ramp],
+        )
+
     @property
     def steps(self) -> int:
-        return self.tokens // self.batch_tokens
+        plan = self.plan()
+        return plan[-1].end_step if plan else 0
+
+    @property
+    def trained_tokens(self) -> int:
+        """Tokens the stage trains on: `tokens` less the last partial batch."""
+        plan = self.plan()
+        return plan[-1].end_token if plan else 0
+
+    @property
+    def samples(self) -> int:
+        """Packed samples the stage consumes."""
+        plan = self.plan()
+        return plan[-1].first_sample_of(plan[-1].end_step) if plan else 0
 
     @property
     def batch_sequences(self) -> int:
@@ -619,6 +679,20 @@ def validate(cfg: TrainConfig) -> None:
             sequences=stage.batch_sequences,
             seq_length=stage.seq_length,
         )
+        if stage.batch_ramp and cfg.parallel.engine != "megatron":
+            raise ConfigError(
+                f"recipe.stages.{name}.batch_ramp",
+                [list(e) for e in stage.batch_ramp],
+                f"parallel.engine={cfg.parallel.engine} keeps one gradient accumulation for the whole run; use "
+                "parallel.engine=megatron (its distributed optimizer is ZeRO-1) or remove the batch_ramp",
+            )
+        for phase in stage.plan():  # ramps: every batch and training length must fit the layout too
+            cfg.parallel.check_batch(
+                key=f"recipe.stages.{name}.batch_ramp",
+                sequences=phase.samples_per_step,
+                seq_length=phase.seq_length,
+                seq_key=f"recipe.stages.{name}.seq_ramp",
+            )
         if stage.init_from is not None and stage.init_from not in seen and not os.path.isdir(stage.init_from):
             raise ConfigError(
                 f"recipe.stages.{name}.init_from",

@@ -23,6 +23,7 @@ from train import checkpoint, evals, faults, metrics, signals
 from train.average import average_into, last_checkpoints
 from train.config import StageConfig, TrainConfig
 from train.logs import MetricSinks, Progress, set_stage, set_step
+from train.ramp import crossed, phase_at, step_micro_batches
 from train.schedule import build_scheduler
 from train.stability import Guard, for_stage, rollback
 
@@ -138,6 +139,7 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
             load_hf_into(model, init_path)
         return model
 
+    plan = stage.plan()  # phases of one batch size and training length (train/ramp.py)
     peak_lr = stage.lr
     if resume is not None:
         peak_lr = checkpoint.read_state(resume)["peak_lr"]
@@ -157,7 +159,7 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         ),
         device=run.device,
         dtype=dtype,
-        grad_accum=layout.accum_steps(stage.batch_sequences),
+        grad_accum=layout.accum_steps(plan[0].samples_per_step),  # DeepSpeed follows a batch ramp per step
     )
     order, sources = list(cfg.recipe.stages), sorted(stage.mix)
     meter = metrics.StageMetrics(
@@ -243,7 +245,7 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         run.prepared,
         mix=stage.mix,
         seq_length=stage.seq_length,
-        samples=steps * stage.batch_sequences,
+        samples=stage.samples,
         seed=cfg.data.seed,
         valid_percent=cfg.data.valid_percent,
     )
@@ -287,24 +289,19 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
     rank0 = dist.get_rank() == 0
     progress = Progress(
         stage=name,
-        total_tokens=steps * stage.batch_tokens,
+        total_tokens=stage.trained_tokens,
         start_tokens=result.tokens,
         enabled=cfg.logging.progress and rank0,
     )
     dp_rank = parallel_state.get_data_parallel_rank()
-    eval_every = stage.eval_every_tokens // stage.batch_tokens if stage.eval_every_tokens else 0
-    save_every = stage.save_every_tokens // stage.batch_tokens if stage.save_every_tokens else 0
     params = [p for m in engine.modules for p in m.parameters() if p.requires_grad]
     stability = for_stage(cfg.stability, stage.stability, key=f"recipe.stages.{name}.stability")
     guard = Guard(stability, stage=name, device=run.device)
 
     def batch_of(step: int) -> list[dict]:
-        idx = blend.step_indices(
-            step, batch_sequences=stage.batch_sequences, dp_rank=dp_rank, dp_size=layout.dp_size
+        return step_micro_batches(
+            train_ds, plan, step, dp_rank=dp_rank, dp_size=layout.dp_size, micro_batch=layout.micro_batch
         )
-        micro = blend.micro_batches(train_ds, idx, micro_batch=layout.micro_batch)
-        metrics.tag_sources(micro, train_ds, idx)
-        return micro
 
     # The next step's batch is built while this one trains (time/data_wait ~ 0 in steady state).
     loader = blend.Prefetcher(batch_of, end=steps, pin=run.device.type == "cuda")
@@ -317,16 +314,17 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
         with meter.phase("data_wait"):
             micro = loader.get(step)
         lr = _current_lr(engine)
+        phase = phase_at(plan, step)
         try:
             with meter.phase("forward_backward"):
-                loss = engine.forward_backward(micro, seq_length=stage.seq_length)
+                loss = engine.forward_backward(micro, seq_length=phase.seq_length)
             faults.inject("step", step + 1)  # KILN_FAULT drills only
             if is_log:
                 meter.before_update(params)
             with meter.phase("optimizer"):
                 # After forward-backward, before the update: all ranks agree whether this step is bad.
                 grad_norm = engine.step(accept=lambda norm, s=step + 1, x=loss: guard.check(s, x, norm))
-                scheduler.step(increment=stage.batch_tokens)  # a skipped batch is consumed data too
+                scheduler.step(increment=phase.batch_tokens)  # a skipped batch is consumed data too
         except torch.OutOfMemoryError as e:
             raise RuntimeError(
                 out_of_memory_message(
@@ -334,13 +332,14 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
                     layout=layout,
                     arch=stage.arch(cfg.model.arch()),
                     vocab_size=run.vocab_size,
-                    seq_length=stage.seq_length,
+                    seq_length=phase.seq_length,
                     micro_batches=len(micro),
                     device=run.device,
                 )
             ) from e
-        meter.end_step()
-        result.step, result.tokens, result.lr = step + 1, result.tokens + stage.batch_tokens, lr
+        meter.end_step(tokens=phase.batch_tokens, seq_length=phase.seq_length)
+        tokens_before = result.tokens
+        result.step, result.tokens, result.lr = step + 1, result.tokens + phase.batch_tokens, lr
         step_seconds = time.time() - t0
         result.train_seconds += step_seconds
         event = guard.event(grad_norm)
@@ -372,28 +371,33 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
             **metrics.source_losses(engine, sources),
         }
         meter.straggler_check(result.step)  # every logging.straggler_every_steps (all ranks)
-        is_eval = bool(eval_every) and result.step % eval_every == 0 and result.step != steps
+        is_eval = crossed(tokens_before, result.tokens, stage.eval_every_tokens) and result.step != steps
         if is_eval:
             record.update(_valid_record(evaluate(run, engine, valid_ds, stage)))
         if is_log:
-            consumed = metrics.consumed_sources(train_ds, samples=result.step * stage.batch_sequences)
+            consumed = metrics.consumed_sources(train_ds, samples=phase.first_sample_of(result.step))
             extra: dict[
                 str, float
             ] = {}  # MoE expert load per layer since the last log, over data-parallel ranks
             for module in engine.modules:
                 extra |= expert_load_stats(module, group=parallel_state.get_data_parallel_group())
-            record.update(meter.interval(step=result.step, params=params, consumed_ids=consumed, extra=extra))
+            record.update(
+                meter.interval(
+                    step=result.step, tokens=result.tokens, params=params, consumed_ids=consumed, extra=extra
+                )
+            )
         if is_log or is_eval:
             run.sinks.write(record)
         progress.update(
             tokens=result.tokens,
-            tokens_delta=stage.batch_tokens,
+            tokens_delta=phase.batch_tokens,
             loss=loss,
             record=record if is_log else None,
         )
         checkpoint.wait_for_saves(blocking=False)  # completes async saves written meanwhile
         branch_end = result.tokens in stage.branch_tokens  # schedule=wsd_s: a decayed model to keep
-        if (branch_end or save_every and result.step % save_every == 0) and result.step != steps:
+        periodic = crossed(tokens_before, result.tokens, stage.save_every_tokens)
+        if (branch_end or periodic) and result.step != steps:
             save()
         if signals.stop_requested(run.device):  # Slurm's USR1/TERM or the stop file, agreed by every rank
             if result.checkpoint != checkpoint.path_for(directory, result.step):

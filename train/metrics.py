@@ -16,6 +16,7 @@ data/<source>/samples, data/<source>/fraction, eta/stage_s, eta/recipe_s, stragg
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import statistics
@@ -119,12 +120,10 @@ class StageMetrics:
         self.later_tokens = later_tokens
         """Training tokens of the recipe's stages after this one (for the recipe ETA)."""
         self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.flops_per_token = flops_per_token(
-            arch,
-            seq_length=stage.seq_length,
-            vocab_size=padded_vocab,
-            convention=logging_cfg.flops_convention,
+        self._flops = functools.partial(
+            flops_per_token, arch, vocab_size=padded_vocab, convention=logging_cfg.flops_convention
         )
+        self.flops_per_token = self._flops(seq_length=stage.seq_length)
         self.peak_flops = peak_flops
         self._reset_window()
         self._straggler_busy = 0.0
@@ -137,6 +136,7 @@ class StageMetrics:
     # ------------------------------------------------------------------------------------ timing
     def _reset_window(self) -> None:
         self.steps = 0
+        self.tokens, self.flops = 0, 0.0  # trained in the window (a ramp changes both per step)
         self.times = dict.fromkeys(("step", *PHASES), 0.0)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -180,10 +180,13 @@ class StageMetrics:
 
             config.finalize_model_grads_func = timed
 
-    def end_step(self) -> None:
+    def end_step(self, *, tokens: int, seq_length: int) -> None:
+        """After a step of `tokens` tokens in sequences of `seq_length` (the attention FLOPs depend on it)."""
         elapsed = time.perf_counter() - self._step_start
         self.times["step"] += elapsed
         self.steps += 1
+        self.tokens += tokens
+        self.flops += tokens * self._flops(seq_length=seq_length)
         # Busy = the step less the wait for other ranks' gradients: what a slow rank has more of.
         self._straggler_busy += elapsed - (self.times["grad_sync"] - self._sync_at_start)
         self._straggler_steps += 1
@@ -256,25 +259,25 @@ class StageMetrics:
         self,
         *,
         step: int,
+        tokens: int,
         params: list[torch.Tensor],
         consumed_ids=None,
         extra: dict[str, float] | None = None,
     ) -> dict[str, float]:
-        """The window's metrics. `consumed_ids`: the blend source of every sample trained on so far in the
+        """The window's metrics. `tokens`: trained in the stage so far (for the ETA); `consumed_ids`: the blend source of every sample trained on so far in the
         stage (numpy array or None); `extra`: more metrics to log as given (e.g. MoE expert load)."""
         stage, n = self.stage, max(1, self.steps)
         rec: dict[str, float] = {f"time/{k}": v / n for k, v in self.times.items()}
         step_time = rec["time/step"]
         # Throughput over the training steps of the window (evaluation and checkpoint time excluded).
-        tps = stage.batch_tokens / step_time if step_time else 0.0
+        tps = self.tokens / n / step_time if step_time else 0.0
+        per_token = self.flops / self.tokens if self.tokens else self.flops_per_token
         rec["tokens_per_s"] = tps
         rec["tokens_per_s_per_gpu"] = tps / self.world
-        rec["flops_per_token"] = self.flops_per_token
-        rec["tflops_per_gpu"] = tps / self.world * self.flops_per_token / 1e12
+        rec["flops_per_token"] = per_token
+        rec["tflops_per_gpu"] = tps / self.world * per_token / 1e12
         if self.peak_flops:
-            rec["mfu"] = mfu(
-                tps, flops_per_token=self.flops_per_token, peak_flops=self.peak_flops * self.world
-            )
+            rec["mfu"] = mfu(tps, flops_per_token=per_token, peak_flops=self.peak_flops * self.world)
         rec.update(self._memory())
         rec.update(self._update_ratio(params))
         if consumed_ids is not None and len(consumed_ids):
@@ -283,7 +286,7 @@ class StageMetrics:
                 rec[f"data/{name}/samples"] = int(counts[i])
                 rec[f"data/{name}/fraction"] = float(counts[i] / counts.sum())
         if tps:
-            rec["eta/stage_s"] = (stage.steps - step) * step_time
+            rec["eta/stage_s"] = (stage.trained_tokens - tokens) / tps
             rec["eta/recipe_s"] = rec["eta/stage_s"] + self.later_tokens / tps
         rec.update(self._straggler)  # the check since the last interval, if any
         self._straggler = {}

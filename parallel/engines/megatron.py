@@ -152,7 +152,9 @@ class MegatronEngine:
             model=self.ddp,
             num_microbatches=len(micro),
             seq_length=seq_length,
-            micro_batch_size=self.layout.micro_batch,
+            micro_batch_size=micro[0]["tokens"].shape[
+                0
+            ],  # a sequence-length ramp cuts samples into more rows
             forward_only=forward_only,
         )
         if self.layout.pp == 1 and self.layout.cp == 1:  # else rank 0 holds no losses / whole sequences

@@ -162,10 +162,11 @@ def test_blend_follows_weights_and_holds_out_validation(prepared, megatron_world
     train_docs = set(code_train.document_index.tolist())
     valid_docs = set(valid["code"].document_index.tolist())
     assert train_docs and valid_docs and not train_docs & valid_docs
-    mb = micro_batches(ds, step_indices(2, batch_sequences=8, dp_rank=1, dp_size=2), micro_batch=2)
+    mb = micro_batches(ds, step_indices(16, batch_sequences=8, dp_rank=1, dp_size=2), micro_batch=2)
     assert len(mb) == 2 and mb[0]["tokens"].shape == (2, 64)
     assert (mb[0]["labels"][:, :-1] == mb[0]["tokens"][:, 1:]).all()
-    assert step_indices(2, batch_sequences=8, dp_rank=1, dp_size=2) == range(20, 24)
+    # The global batch of 8 samples from sample 16 (step 2 at 8 a step): rank 1 holds its second half.
+    assert step_indices(16, batch_sequences=8, dp_rank=1, dp_size=2) == range(20, 24)
 
 
 def test_bad_documents_are_counted_and_finished_shards_survive_a_failed_run(tmp_path):

@@ -221,7 +221,18 @@ def test_llama3_8b_recipe_is_the_papers_three_stages():
     assert lc.arch(arch).rope.kind == "llama3" and lc.arch(arch).rope.original_context == 8192
     assert anneal.arch(arch).rope == lc.arch(arch).rope  # annealing continues the long-context model
     assert (anneal.lr, anneal.min_lr, anneal.schedule, anneal.average_last) == (None, 0.0, "linear", 5)
-    assert base.batch_tokens == lc.batch_tokens == anneal.batch_tokens == 4 * 1024 * 1024
+    assert lc.batch_tokens == anneal.batch_tokens == 4 * 1024 * 1024
+    # Base ramps as the paper's Sec. 3.4.1: 4M-token batches of 4K sequences to 252M tokens, 8M of 8K to 2.87T,
+    # then 16M; its 8,000 warm-up steps span the first two phases.
+    plan = base.plan()
+    assert [(p.batch_tokens, p.seq_length) for p in plan] == [
+        (4 << 20, 4096),
+        (8 << 20, 8192),
+        (16 << 20, 8192),
+    ]
+    assert plan[0].steps == 61 and plan[0].end_token >= 252_000_000 > plan[0].end_token - (4 << 20)
+    assert plan[1].end_token >= 2_870_000_000_000 > plan[1].end_token - (8 << 20)
+    assert base.warmup_tokens == plan[0].end_token + (8000 - 61) * (8 << 20)
 
 
 def test_olmo2_style_recipe_is_warmup_stable_then_decay_to_zero():
@@ -233,7 +244,7 @@ def test_olmo2_style_recipe_is_warmup_stable_then_decay_to_zero():
 
 def test_average_last_needs_that_many_checkpoints_in_the_stage():
     with pytest.raises(
-        ConfigError, match="recipe.stages.anneal.average_last=3: needs 2..1 .*8 steps, one every 8"
+        ConfigError, match="recipe.stages.anneal.average_last=3: needs 2..1 .*8 steps, one every 65536 tokens"
     ):
         to_config(
             compose_cfg(["recipe.stages.anneal.average_last=3", "recipe.stages.anneal.save_every_tokens=0"])
