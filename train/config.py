@@ -553,7 +553,8 @@ def to_config(cfg: DictConfig) -> TrainConfig:
 def _check_rope(name: str, stage: StageConfig, stages: dict[str, StageConfig], model: Arch) -> None:
     """The stage's RoPE changes make a valid architecture, and reach its context: plain RoPE does not
     extrapolate past the context the init_from stage trained at (Press et al. 2022, Fig. 1; Chen et al. 2023,
-    Sec. 1), and linear interpolation reaches exactly that context x its factor."""
+    Sec. 1), linear interpolation reaches exactly that context x its factor, and llama3/yarn scaling starts
+    from that context (original_context)."""
     key = f"recipe.stages.{name}"
     try:
         arch = stage.arch(model)
@@ -579,6 +580,17 @@ def _check_rope(name: str, stage: StageConfig, stages: dict[str, StageConfig], m
             "does not extrapolate; set rope_scaling (e.g. {kind: linear, factor: "
             f"{stage.seq_length / parent.seq_length:g}}}) or a larger rope_theta for this stage",
         )
+    if arch.rope.kind in ("llama3", "yarn") and effective(arch.rope) != effective(before.rope):
+        # A new scaling of this kind treats wavelengths relative to the context the model was trained at. (It
+        # reaches past original_context x factor: Llama 3.1 runs 128K from 8K with factor 8 at theta 500k.)
+        rope = arch.rope
+        if rope.original_context != parent.seq_length:
+            raise ConfigError(
+                f"{key}.rope_scaling.original_context",
+                rope.original_context,
+                f"{rope.kind} scaling starts from the context {stage.init_from} trained at: set "
+                f"original_context={parent.seq_length}",
+            )
     if arch.rope.kind == "linear":
         trained_factor = before.rope.factor if before.rope.kind == "linear" else 1.0
         reach = parent.seq_length * arch.rope.factor / trained_factor

@@ -43,7 +43,14 @@ def test_default_config_values():
     assert (
         lc.init_from == "base"
         and lc.seq_length == 1024
-        and lc.rope_scaling == {"kind": "linear", "factor": 4.0}
+        and lc.rope_scaling
+        == {
+            "kind": "llama3",
+            "factor": 4.0,
+            "original_context": 256,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+        }
     )
     anneal = cfg.recipe.stages["anneal"]
     assert anneal.lr is None and anneal.min_lr == 0 and anneal.schedule == "linear"
@@ -177,7 +184,15 @@ def test_cli_help_lists_groups_and_cfg_job_prints_config():
             "RoPE, which does not extrapolate; set rope_scaling \\(e.g. \\{kind: linear, factor: 4\\}\\)",
         ),
         (
-            ["recipe.stages.long_context.rope_scaling.factor=2"],
+            ["recipe.stages.long_context.rope_scaling.original_context=8192"],
+            "recipe.stages.long_context.rope_scaling.original_context=8192: llama3 scaling starts from the "
+            "context base trained at: set original_context=256",
+        ),
+        (
+            [
+                "recipe.stages.long_context.rope_scaling.kind=linear",
+                "recipe.stages.long_context.rope_scaling.factor=2",
+            ],
             "linear factor 2 reaches 512 tokens from base's 256, short of seq_length=1024; use factor 4",
         ),
         (
@@ -206,7 +221,7 @@ def test_stage_rope_changes_reach_the_model():
     assert lc.rope.kind == "none" and lc.rope_theta == 4e5
     anneal = cfg.recipe.stages["anneal"].arch(cfg.model.arch())
     assert (anneal.rope.kind, anneal.rope.factor, anneal.rope_theta) == (
-        "linear",
+        "llama3",
         4.0,
         cfg.model.arch().rope_theta,
     )

@@ -40,7 +40,7 @@ def write_recall_corpus(path: Path, *, docs: int, seed: int = 0) -> None:
 
 def llama3_rope(stage: str) -> list[str]:
     key = f"recipe.stages.{stage}.rope_scaling"
-    return [f"{key}.kind=llama3", f"{key}.factor={LONG // BASE}.0", f"+{key}.original_context={BASE}"]
+    return [f"{key}.kind=llama3", f"{key}.factor={LONG // BASE}.0", f"{key}.original_context={BASE}"]
 
 
 def overrides(corpus: Path, run_dir: Path, data_cache: str) -> list[str]:
