@@ -319,21 +319,21 @@ class ParallelLayout:
         pipeline parallelism splits the layers pp ways, while the first stage also holds the input embedding and
         the last the output layer (`embedding_params` each: vocab x hidden). ZeRO stage 1 shards the optimizer
         state over dp, stage 2 also the gradients, stage 3 also the parameters (Rajbhandari et al. 2020, "ZeRO",
-        sec. 5.1 and Fig. 1). fp32 training: 4 bytes per parameter, 4 per gradient, 8 of Adam moments. Mixed
-        precision (bf16): 2 + 4 (megatron reduces grads in fp32; deepspeed: 2) + 12 (fp32 master copy and
-        moments, the paper's K = 12)."""
+        sec. 5.1 and Fig. 1), with the planner's bytes per parameter (parallel/plan/memory.py `state_bytes`)."""
+        from parallel.plan.memory import state_bytes
+
         if self.pp > 1:
             psi = (params - 2 * embedding_params) / (self.tp * self.pp) + embedding_params / self.tp
         else:
             psi = params / self.tp
-        dp = self.dp_size
-        param_b, opt_b = (2, 12) if mixed_precision else (4, 8)
-        grad_b = 2 if mixed_precision and self.engine == "deepspeed" else 4
-        return {
-            "params": psi * param_b / (dp if self.zero_stage >= 3 else 1),
-            "grads": psi * grad_b / (dp if self.zero_stage >= 2 else 1),
-            "optimizer": psi * opt_b / (dp if self.zero_stage >= 1 else 1),
-        }
+        weights, grads, optimizer = state_bytes(
+            psi,
+            dp=self.dp_size,
+            engine=self.engine,
+            zero=self.zero_stage,
+            precision="bf16" if mixed_precision else "fp32",
+        )
+        return {"params": weights, "grads": grads, "optimizer": optimizer}
 
     def accum_steps(self, sequences: int) -> int:
         """Micro-batches per step on each data-parallel rank for a global batch of `sequences`."""
