@@ -11,33 +11,9 @@ import pickle
 import pytest
 import torch
 
-from tests.train.test_checkpoint import build_parts, tiny_arch
+from tests.train.test_checkpoint import build_parts, tiny_arch, train_step
 from train import checkpoint
 from train.checkpoint import CheckpointConfig
-
-TOKENS = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
-
-
-def train_step(ddp, opt) -> float:
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    def fwd(it, model):
-        x = next(it)
-        out = model(x[:, :-1], torch.arange(16).expand(2, -1), None, labels=x[:, 1:])
-        return out, lambda o: (o.mean(), {"loss": o.mean().detach().clone()})
-
-    ddp.zero_grad_buffer()
-    opt.zero_grad()
-    res = get_forward_backward_func()(
-        forward_step_func=fwd,
-        data_iterator=iter([TOKENS]),
-        model=[ddp],
-        num_microbatches=1,
-        seq_length=16,
-        micro_batch_size=2,
-    )
-    opt.step()
-    return res[0]["loss"].item()
 
 
 def dcp_metadata(path: str):

@@ -131,35 +131,38 @@ def tiny_arch():
     return resolve_arch("llama3", "tiny", num_layers=1, hidden_size=64, num_attention_heads=4, num_kv_heads=2)
 
 
+TOKENS = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
+
+
+def train_step(ddp, opt) -> float:
+    """One megatron-core step of the tiny model on TOKENS (batch 2, sequence 16); the loss."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def fwd(it, model):
+        x = next(it)
+        out = model(x[:, :-1], torch.arange(16).expand(2, -1), None, labels=x[:, 1:])
+        return out, lambda o: (o.mean(), {"loss": o.mean().detach().clone()})
+
+    ddp.zero_grad_buffer()
+    opt.zero_grad()
+    res = get_forward_backward_func()(
+        forward_step_func=fwd,
+        data_iterator=iter([TOKENS]),
+        model=[ddp],
+        num_microbatches=1,
+        seq_length=16,
+        micro_batch_size=2,
+    )
+    opt.step()
+    return res[0]["loss"].item()
+
+
 @pytest.mark.parametrize("zero_stage", [1, 0])  # distributed optimizer; plain (configs/parallel/single.yaml)
 def test_megatron_save_is_complete_and_loads_back_exactly(megatron_world1, tmp_path, zero_stage):
     arch = tiny_arch()
 
     def build():
         return build_parts(arch, zero_stage=zero_stage)
-
-    tokens = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
-
-    def train_step(ddp, opt) -> float:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        def fwd(it, model):
-            x = next(it)
-            out = model(x[:, :-1], torch.arange(16).expand(2, -1), None, labels=x[:, 1:])
-            return out, lambda o: (o.mean(), {"loss": o.mean().detach().clone()})
-
-        ddp.zero_grad_buffer()
-        opt.zero_grad()
-        res = get_forward_backward_func()(
-            forward_step_func=fwd,
-            data_iterator=iter([tokens]),
-            model=[ddp],
-            num_microbatches=1,
-            seq_length=16,
-            micro_batch_size=2,
-        )
-        opt.step()
-        return res[0]["loss"].item()
 
     ddp, opt, sched = build()
     for _ in range(2):
