@@ -125,7 +125,7 @@ def _new_stage_default(key: str, value) -> bool:
     nothing the checkpoint computed."""
     import dataclasses
 
-    from train.config import StageConfig
+    from train.stage import StageConfig
 
     parts = key.split(".")
     if len(parts) != 4 or parts[:2] != ["recipe", "stages"]:

@@ -107,7 +107,7 @@ def read_source(path: str, *, family: str | None = None) -> Source:
     """The checkpoint at `path` (see `resolve`) and what its config.json says; `family` for a checkpoint saved
     before the record held it."""
     from models.registry import FAMILIES
-    from train.config import StageConfig
+    from train.stage import StageConfig
 
     path = resolve(path)
     record_file = os.path.join(path, checkpoint.CONFIG_FILE)

@@ -21,11 +21,12 @@ from models.moe import expert_load_stats
 from parallel.engines import OptimSettings, build_engine, out_of_memory_message
 from train import checkpoint, evals, faults, metrics, signals
 from train.average import average_into, last_checkpoints
-from train.config import StageConfig, TrainConfig
+from train.config import TrainConfig
 from train.logs import MetricSinks, Progress, set_stage, set_step
 from train.ramp import crossed, phase_at, step_micro_batches
 from train.schedule import build_scheduler
 from train.stability import Guard, for_stage, rollback
+from train.stage import StageConfig
 
 log = logging.getLogger(__name__)
 

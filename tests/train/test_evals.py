@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from train.config import StageConfig
 from train.evals import (
     QUESTION,
     base_context,
@@ -19,6 +18,7 @@ from train.evals import (
     split_means,
     unscaled_arch,
 )
+from train.stage import StageConfig
 
 
 def char_tokenize(text: str) -> list[int]:
