@@ -94,6 +94,61 @@ def _ngram_hashes(ids: np.ndarray, n: int) -> np.ndarray:
     return h
 
 
+_BASE = 0x100000001B3  # odd, so invertible modulo 2^64
+_BASE_INV = pow(_BASE, -1, 1 << 64)
+
+
+def _concat_hashes(words: list[str], csum: np.ndarray):
+    """A function n -> 64-bit polynomial hash of each window's words concatenated without spaces (datatrove
+    `find_all_duplicate` compares "".join(words[i:i + n]), so ("ab", "c") equals ("a", "bc")). From prefix
+    sums of c_j * B^-j over the document's characters: hash[a:e) = B^(e-1) * (Q[e] - Q[a]) mod 2^64, plus
+    the length; equal strings get equal hashes, and the scan compares the strings themselves."""
+    codes = np.frombuffer("".join(words).encode("utf-32-le"), np.uint32).astype(np.uint64) + np.uint64(1)
+    length = len(codes)
+    pw = np.full(length + 1, _BASE, np.uint64)
+    pw[0] = 1
+    pw = np.cumprod(pw)  # B^k mod 2^64 (uint64 products wrap)
+    ipw = np.full(length, _BASE_INV, np.uint64)
+    ipw[0] = 1
+    q = np.zeros(length + 1, np.uint64)
+    np.cumsum(codes * np.cumprod(ipw), out=q[1:])
+    ends = csum.astype(np.int64)
+
+    def hashes(n: int) -> np.ndarray:
+        a, e = ends[: len(ends) - n], ends[n:]
+        return (q[e] - q[a]) * pw[np.maximum(e - 1, 0)] ^ (e - a).astype(np.uint64) * np.uint64(
+            0x9E3779B97F4A7C15
+        )
+
+    return hashes
+
+
+def _repeated_positions(h: np.ndarray) -> list[int]:
+    """Positions (ascending) whose hash occurs at least twice: one sort, equal neighbours marked."""
+    order = np.argsort(h)
+    eq = h[order[1:]] == h[order[:-1]]
+    if not eq.any():
+        return []
+    mark = np.zeros(len(h), bool)
+    mark[:-1] |= eq
+    mark[1:] |= eq
+    return np.sort(order[mark]).tolist()
+
+
+def _repeated(h: np.ndarray, among: np.ndarray | None, first: bool) -> tuple[np.ndarray, int, int]:
+    """(positions whose n-gram repeats, the highest count, the first position with that count)."""
+    pos = np.arange(len(h)) if first or among is None else among[among < len(h)]
+    if not len(pos):
+        return pos, 1, 0  # every n-gram occurs once: Counter's first key, position 0
+    _, first_at, inverse, counts = np.unique(
+        h[pos], return_index=True, return_inverse=True, return_counts=True
+    )
+    top = int(counts.max())
+    if top == 1:
+        return pos[:0], 1, 0
+    return pos[counts[inverse] > 1], top, int(pos[first_at[counts == top].min()])
+
+
 class GopherRepetition:
     name = "gopher_repetition"
 
@@ -132,40 +187,42 @@ class GopherRepetition:
         csum = np.concatenate([[0], np.cumsum(lens)])  # characters of words[a:b] = csum[b] - csum[a]
         # Table A1: top 2/3/4-gram character fraction 0.20/0.18/0.16. The n-gram string is the words
         # joined by spaces; datatrove takes the first most frequent one (Counter.most_common(1)).
+        # Positions whose n-gram occurs twice or more are a subset of those whose (n-1)-gram does (an
+        # equal n-gram starts with an equal (n-1)-gram), so after the first n only those are grouped.
+        rep = None  # positions whose previous (n-1)-gram repeats; None = all positions
         for n, frac in self.top:
             if len(words) < n:
                 continue
-            h = _ngram_hashes(ids, n)
-            _, first, counts = np.unique(h, return_index=True, return_counts=True)
-            top = counts.max()
-            i = int(first[counts == top].min())
+            rep, top, i = _repeated(_ngram_hashes(ids, n), rep, n == self.top[0][0])
             chars = int(csum[i + n] - csum[i]) + (n - 1)
-            if chars * int(top) / len(text) > frac:
+            if chars * top / len(text) > frac:
                 return f"top_{n}_gram"
-        # Table A1: duplicate 5..10-gram character fraction 0.15..0.10: characters of words (joined
-        # without spaces) in n-grams seen before, scanning left to right and skipping a matched n-gram.
-        cl = None
+        # Table A1: duplicate 5..10-gram character fraction 0.15..0.10: characters of n-grams (words
+        # joined without spaces) seen before, scanning left to right and skipping a matched n-gram
+        # (datatrove `find_all_duplicate`). Only positions whose n-gram occurs twice can match, so the
+        # scan visits just those, in order: an n-gram matches when an earlier equal one was visited (the
+        # first visited one entered the seen set), and a match skips the next n - 1 positions.
+        concat = None
         for n, frac in self.dup:
             if len(words) < n:
                 continue
-            h = _ngram_hashes(ids, n)
-            uniq, first, inverse = np.unique(h, return_index=True, return_inverse=True)
-            if len(uniq) == len(h):
-                continue  # no repeated n-gram at all: nothing counted
-            # Up to the first n-gram that occurred before, every n-gram is new: start the scan there.
-            start = int(np.argmax(first[inverse] < np.arange(len(h))))
-            hl = h.tolist()
-            cl = csum.tolist() if cl is None else cl
-            seen = set(hl[:start])
+            concat = _concat_hashes(words, csum) if concat is None else concat
+            cand = _repeated_positions(concat(n))
+            if not cand:
+                continue
+            cl = csum.tolist()
             limit = frac * len(text)
-            repeated, idx, m = 0, start, len(hl)
-            while idx < m:
-                if hl[idx] in seen:
-                    repeated += cl[idx + n] - cl[idx]
+            seen: set[str] = set()
+            repeated, frontier = 0, 0
+            for p in cand:
+                if p < frontier:
+                    continue
+                gram = "".join(words[p : p + n])
+                if gram in seen:
+                    repeated += cl[p + n] - cl[p]
                     if repeated > limit and repeated / len(text) > frac:
                         return f"duplicated_{n}_n_grams"  # the count only grows: decided
-                    idx += n
+                    frontier = p + n
                 else:
-                    seen.add(hl[idx])
-                    idx += 1
+                    seen.add(gram)
         return None

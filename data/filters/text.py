@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from functools import cached_property, lru_cache
+from itertools import chain
 
 # datatrove/utils/text.py PUNCTUATION (symbols, CJK brackets and C0/C1 control characters) and
 # TERMINAL_PUNCTUATION (sentence-final marks of many scripts), copied so decisions match datatrove's.
@@ -59,6 +60,59 @@ def _tokenizer():
     return nlp.tokenizer
 
 
+def _tail_search(pattern: re.Pattern):
+    """`pattern.search` for a suffix pattern whose alternatives all end at `$`, looking only where a match
+    can start: the last W characters (W = the widest bounded alternative), unless the string ends in more
+    than W repeats of the one character an unbounded alternative repeats (spaCy's `\\.\\.+$`). Equal to
+    `pattern.search` on whitespace-free strings (lookbehinds still see characters before the start
+    position); returns `pattern.search` itself where the pattern has another shape."""
+    from re import _constants as sc
+    from re import _parser as sp
+
+    tree = sp.parse(pattern.pattern, pattern.flags)
+    if len(tree.data) != 1 or tree.data[0][0] is not sc.BRANCH:
+        return pattern.search
+    widest, repeated = 0, set()
+    for alt in tree.data[0][1][1]:
+        if not alt or alt[-1] != (sc.AT, sc.AT_END):
+            return pattern.search
+        lo, hi = sp.SubPattern(tree.state, alt).getwidth()
+        if hi < sc.MAXREPEAT:
+            widest = max(widest, hi)
+        elif (
+            len(alt) == 3
+            and alt[0][0] is sc.LITERAL
+            and alt[1][0] is sc.MAX_REPEAT
+            and list(alt[1][1][2]) == [alt[0]]
+        ):
+            repeated.add(chr(alt[0][1]))
+        else:
+            return pattern.search
+    guards = tuple(ch * (widest + 1) for ch in repeated)
+    search = pattern.search
+
+    def tail_search(s: str):
+        if guards and s.endswith(guards):
+            return search(s)
+        return search(s, max(0, len(s) - widest))
+
+    return tail_search
+
+
+@lru_cache(maxsize=1)
+def _fast_tokenizer():
+    """`_tokenizer()` with its suffix search looking only at the string's tail (`_tail_search`): spaCy's
+    suffix pattern is anchored at `$` but `re.search` tries it from every position, which was most of
+    the tokenizer's time on long chunks (URLs, CJK sentences). Same tokens (tests compare with
+    `spacy_chunk_tokens`, which uses the unmodified tokenizer)."""
+    import spacy
+
+    nlp = spacy.blank("en")
+    nlp.vocab.lex_attr_getters = {}
+    nlp.tokenizer.suffix_search = _tail_search(nlp.tokenizer.suffix_search.__self__)
+    return nlp.tokenizer
+
+
 @lru_cache(maxsize=1)
 def _sentence_punct() -> frozenset[str]:
     from spacy.pipeline import Sentencizer
@@ -70,6 +124,7 @@ _CHUNK_TOKENS: dict[str, tuple[str, ...]] = {}
 _SPANS: dict[str, tuple[tuple[tuple[int, int], ...], bool]] = {}
 _CACHE_LIMIT = 2_000_000
 _WS_RUN = re.compile(r"(\s+)")
+_SEPARATOR = "\u2003"  # em space: see _learn_spans
 _ALNUM_RUN = re.compile(r"[^\W_]+")
 # A letter right after a digit, quote or degree sign, or right before "$": where spaCy's suffix and
 # prefix rules read ASCII letters literally (units "5km", "'s", "°F.", "US$"). Such chunks are not
@@ -82,27 +137,44 @@ def spacy_chunk_tokens(chunk: str) -> tuple[str, ...]:
     return tuple(t.text for t in _tokenizer()(chunk))
 
 
-def _regex_atoms(pattern: re.Pattern) -> tuple[list[tuple[int, int]], bool]:
-    """Every literal character and character range in a compiled `re` pattern (ranges as inclusive
-    code point pairs; a literal is a range of one), and whether the pattern is safe to reason about by
-    character classes (no back-references, no case folding)."""
+def _regex_classes(pattern: re.Pattern) -> tuple[list[list[tuple[int, int]]], bool]:
+    """The character classes of a compiled `re` pattern: one list of inclusive code point ranges per
+    literal or `[...]` set (a literal is a range of one), and whether the pattern is safe to reason about
+    by character classes (no back-references, no case folding).
+
+    A letter literal that starts an alternative right after a digit lookbehind (`(?<=[0-9])(?:km|кг|...)`,
+    spaCy's unit and currency suffixes) is left out: it can only match a letter that follows a digit,
+    and chunks with a digit before a letter are never canonicalized (`_RISKY`)."""
     from re import _constants as sc
     from re import _parser as sp
 
     ok = not pattern.flags & re.IGNORECASE
-    atoms: list[tuple[int, int]] = []
+    classes: list[list[tuple[int, int]]] = []
 
-    def walk(items) -> None:
+    def after_digit(item) -> bool:
+        op, av = item
+        return op is sc.ASSERT and av[0] == -1 and list(av[1]) == [(sc.IN, [(sc.RANGE, (48, 57))])]
+
+    def walk(items, in_set: list | None = None) -> None:
         nonlocal ok
-        for op, av in items:
+        items = list(items)
+        for i, (op, av) in enumerate(items):
             if op in (sc.LITERAL, sc.NOT_LITERAL):
-                atoms.append((av, av))
+                if in_set is None:
+                    classes.append([(av, av)])
+                else:
+                    in_set.append((av, av))
             elif op is sc.RANGE:
-                atoms.append(av)
+                in_set.append(av)
             elif op is sc.IN:
-                walk(av)
+                classes.append([])
+                walk(av, classes[-1])
             elif op is sc.BRANCH:
+                digit_before = i > 0 and after_digit(items[i - 1])
                 for branch in av[1]:
+                    first = branch[0] if branch else None
+                    if digit_before and first[0] is sc.LITERAL and chr(first[1]).isalpha():
+                        branch = [x for x in branch if not (x[0] is sc.LITERAL and chr(x[1]).isalpha())]
                     walk(branch)
             elif op is sc.SUBPATTERN:
                 walk(av[3])
@@ -112,10 +184,10 @@ def _regex_atoms(pattern: re.Pattern) -> tuple[list[tuple[int, int]], bool]:
                 walk(av[1])
             elif op in (sc.GROUPREF, sc.GROUPREF_EXISTS):
                 ok = False
-            # AT (anchors), ANY, CATEGORY (\w \d \s, handled by the class key), NEGATE: no atoms.
+            # AT (anchors), ANY, CATEGORY (\w \d \s, handled by the class key), NEGATE: no ranges.
 
     walk(sp.parse(pattern.pattern, pattern.flags))
-    return atoms, ok
+    return classes, ok
 
 
 class _Canon:
@@ -139,20 +211,33 @@ class _Canon:
         patterns = [getattr(tok, n).__self__ for n in ("prefix_search", "suffix_search", "infix_finditer")]
         patterns += [tok.url_match.__self__] if tok.url_match is not None else []
         self.enabled = tok.token_match is None
-        bounds = set()
+        classes: list[list[tuple[int, int]]] = []
         for pat in patterns:
-            atoms, ok = _regex_atoms(pat)
+            found, ok = _regex_classes(pat)
             self.enabled &= ok
-            for a, b in atoms:
-                if a == b and chr(a).isascii() and chr(a).isalpha():
-                    # ASCII letters appear as literals only in affixes that need a context _RISKY
-                    # excludes: units and currencies after a digit, 's after a quote, "°F." and "US$".
-                    self.enabled &= (
-                        pat is not tok.infix_finditer.__self__ and pat is not tok.url_match.__self__
-                    )
-                    continue
-                bounds.update((a, b + 1))
-        self._bounds = sorted(bounds)
+            for ranges in found:
+                kept = []
+                for a, b in ranges:
+                    if a == b and chr(a).isascii() and chr(a).isalpha():
+                        # ASCII letters appear as literals only in affixes that need a context _RISKY
+                        # excludes: 's after a quote, "°F." and "US$".
+                        self.enabled &= (
+                            pat is not tok.infix_finditer.__self__ and pat is not tok.url_match.__self__
+                        )
+                        continue
+                    kept.append((a, b))
+                classes.append(kept)
+        # Elementary intervals between all range bounds; an interval's signature is the set of classes
+        # containing it. Characters with the same signature are matched alike by every class, even in
+        # different intervals (spaCy spells CJK as several adjacent ranges of one class).
+        self._bounds = sorted({x for ranges in classes for a, b in ranges for x in (a, b + 1)})
+        members: list[set[int]] = [set() for _ in range(len(self._bounds) + 1)]
+        for k, ranges in enumerate(classes):
+            for a, b in ranges:
+                for i in range(bisect_right(self._bounds, a), bisect_right(self._bounds, b) + 1):
+                    members[i].add(k)
+        ids: dict[frozenset, int] = {}
+        self._signature = [ids.setdefault(frozenset(m), len(ids)) for m in members]
         self._bisect = bisect_right
         # Letter/digit runs of the special cases and of the tokens the special-case matcher looks for.
         plain = type(tok)(
@@ -179,24 +264,34 @@ class _Canon:
             if not ch.isalnum():
                 continue
             cp = ord(ch)
-            key = (self._bisect(self._bounds, cp), ch.isdecimal(), ch.isalpha())
+            key = (self._signature[self._bisect(self._bounds, cp)], ch.isdecimal(), ch.isalpha())
             rep = self._rep_of_key.setdefault(key, ch)
             if rep != ch:
                 self.table[cp] = rep
 
-    def __call__(self, chunk: str) -> str:
-        """The chunk's representative: itself, or the chunk with letters and digits replaced."""
+    def reps(self, chunks: list[str]) -> list[str]:
+        """Each chunk's representative: the chunk with letters and digits replaced, or the chunk itself
+        where a replacement could change spaCy's decision (`_RISKY` contexts, special-case runs). The
+        table is applied to all chunks in one call (whitespace-free chunks joined by newlines)."""
         if not self.enabled:
-            return chunk
-        if _RISKY.search(chunk):
-            return chunk
-        rep = chunk.translate(self.table)
-        if rep != chunk and not (
-            self.cores.isdisjoint(_ALNUM_RUN.findall(chunk))
-            and self.cores.isdisjoint(_ALNUM_RUN.findall(rep))
-        ):
-            return chunk
-        return rep
+            return list(chunks)
+        joined = "\n".join(chunks)
+        self.learn(joined)
+        translated = joined.translate(self.table)
+        reps = translated.split("\n")
+        # Letter/digit runs that are special-case material, in the chunks or their representatives.
+        hits = self.cores.intersection(_ALNUM_RUN.findall(joined)) | self.cores.intersection(
+            _ALNUM_RUN.findall(translated)
+        )
+        if not hits and not _RISKY.search(joined):
+            return reps
+        findall, risky = _ALNUM_RUN.findall, _RISKY.search
+        return [
+            c
+            if r != c and (risky(c) or not (hits.isdisjoint(findall(c)) and hits.isdisjoint(findall(r))))
+            else r
+            for c, r in zip(chunks, reps)
+        ]
 
 
 @lru_cache(maxsize=1)
@@ -204,40 +299,68 @@ def _canon() -> _Canon:
     return _Canon()
 
 
-def _spans(rep: str) -> tuple[tuple[tuple[int, int], ...], bool]:
-    """spaCy's tokens of `rep` as (start, end) offsets, and whether a token boundary falls between two
-    letters/digits (then the offsets are only trusted for `rep` itself)."""
-    got = _SPANS.get(rep)
-    if got is None:
-        _canon().learn(rep)
+def _learn_spans(reps: list[str]) -> None:
+    """spaCy's tokens of each new representative as (start, end) offsets, and whether a token boundary
+    falls between two letters/digits (then the offsets are only trusted for that string itself).
+
+    One tokenizer call for all of them: spaCy tokenizes each space-separated chunk alone, and a call's
+    fixed cost (Doc, token objects) was most of the time when it ran per chunk. They are joined by an em
+    space, which spaCy makes a token of its own (only " " is absorbed as trailing space) that is in no
+    special case: spaCy's special-case matcher (`_apply_special_cases`, e.g. ":(" across the tokens ":"
+    and "(") then cannot match across two chunks and shadow a match inside one, and has no match on the
+    separators themselves (" " is a special case). Tests compare with `spacy_chunk_tokens` per chunk."""
+    from spacy.attrs import IDX, LENGTH
+
+    arr = _fast_tokenizer()(_SEPARATOR.join(reps)).to_array([IDX, LENGTH]).tolist()
+    k, pos, n = 0, 0, len(arr)
+    for rep in reps:
+        end = pos + len(rep)
         spans, i, cut = [], 0, False
-        for t in spacy_chunk_tokens(rep):
-            j = rep.index(t, i)
-            spans.append((j, j + len(t)))
-            cut |= i > 0 and rep[i - 1].isalnum() and rep[j].isalnum()
-            i = j + len(t)
-        got = (tuple(spans), cut or i != len(rep))
-        _SPANS[rep] = got
-    return got
+        while k < n and arr[k][0] < end:
+            a = arr[k][0] - pos
+            b = a + arr[k][1]
+            cut |= a > 0 and (a != i or (rep[a - 1].isalnum() and rep[a].isalnum()))
+            spans.append((a, b))
+            i = b
+            k += 1
+        _SPANS[rep] = (tuple(spans), cut or i != len(rep))
+        pos = end + 1
+        while k < n and arr[k][0] < pos:  # the separating whitespace token
+            k += 1
+
+
+def _tokenize_new(chunks: list[str]) -> None:
+    """Cache the tokens of chunks not seen before: each is mapped to its representative (`_Canon`:
+    "Hello," and "World," share offsets), so spaCy runs once per distinct shape, not per distinct
+    chunk; a representative whose tokens split a letter/digit run falls back to spaCy on the chunk."""
+    if len(_CHUNK_TOKENS) + len(chunks) >= _CACHE_LIMIT:
+        _CHUNK_TOKENS.clear()
+        _SPANS.clear()
+    reps = _canon().reps(chunks)
+    missing = [r for r in dict.fromkeys(reps) if r not in _SPANS]
+    if missing:
+        _learn_spans(missing)
+    retry = []
+    for chunk, rep in zip(chunks, reps):
+        spans, cut = _SPANS[rep]
+        if cut and rep != chunk:
+            retry.append(chunk)
+        else:
+            _CHUNK_TOKENS[chunk] = (chunk,) if len(spans) == 1 else tuple(chunk[a:b] for a, b in spans)
+    if retry:
+        _learn_spans([c for c in retry if c not in _SPANS])
+        for chunk in retry:
+            _CHUNK_TOKENS[chunk] = tuple(chunk[a:b] for a, b in _SPANS[chunk][0])
 
 
 def chunk_tokens(chunk: str) -> tuple[str, ...]:
     """spaCy's tokens of one whitespace-free chunk, cached. spaCy's tokenizer splits text at whitespace
     first and tokenizes each chunk alone (prefixes, suffixes, infixes, special cases), so a document's
-    tokens are its chunks' tokens in order. A new chunk is first mapped to its representative (`_Canon`:
-    "Hello," and "World," share "Xxxxx,"-like offsets), so spaCy runs once per distinct shape, not per
-    distinct chunk."""
+    tokens are its chunks' tokens in order."""
     toks = _CHUNK_TOKENS.get(chunk)
     if toks is None:
-        if len(_CHUNK_TOKENS) >= _CACHE_LIMIT:
-            _CHUNK_TOKENS.clear()
-            _SPANS.clear()
-        rep = _canon()(chunk)
-        spans, cut = _spans(rep)
-        if cut and rep != chunk:
-            spans, _ = _spans(chunk)
-        toks = (chunk,) if len(spans) == 1 else tuple(chunk[a:b] for a, b in spans)
-        _CHUNK_TOKENS[chunk] = toks
+        _tokenize_new([chunk])
+        toks = _CHUNK_TOKENS[chunk]
     return toks
 
 
@@ -250,12 +373,12 @@ def clear_caches() -> None:
 
 def split_words(text: str) -> list[str]:
     """datatrove's `split_into_words(text, "en")`: spaCy tokens, stripped, whitespace-only ones dropped."""
-    out: list[str] = []
-    get = _CHUNK_TOKENS.get
-    for chunk in text.split():
-        toks = get(chunk)
-        out.extend(toks if toks is not None else chunk_tokens(chunk))
-    return out
+    chunks = text.split()
+    toks = list(map(_CHUNK_TOKENS.get, chunks))
+    if None in toks:
+        _tokenize_new(list(set(chunks).difference(_CHUNK_TOKENS)))
+        toks = list(map(_CHUNK_TOKENS.__getitem__, chunks))
+    return list(chain.from_iterable(toks))
 
 
 def _line_tokens(line: str):

@@ -203,3 +203,82 @@ def test_fast_tokenizer_equals_spacy_on_varied_text(monkeypatch):
     assert decide() == fast
     kept = sum(r[1] is None for r in fast[: len(docs)])
     assert 0 < kept < len(docs)  # both outcomes exercised
+
+
+def test_gopher_repetition_ngram_fractions_equal_datatrove():
+    """GopherRepetition's n-gram measures equal datatrove's own functions to the last character: on
+    repetitive random documents (including words whose concatenations collide, ("ab", "c") vs ("a",
+    "bc"), which datatrove's duplicate n-grams count as equal), a threshold a hair below datatrove's
+    value drops the document for that rule and a hair above keeps it, for every n."""
+    grf = pytest.importorskip(
+        "datatrove.pipeline.filters.gopher_repetition_filter",
+        reason="datatrove (the `ref` extra) not installed",
+    )
+    import random
+
+    rng = random.Random(0)
+    vocab = ["a", "ab", "abc", "b", "bc", "c", "the", "cat", "sat", "on", "mat", "and", "then", "ran"]
+    off = dict(dup_line_frac=0, dup_para_frac=0, dup_line_char_frac=0, dup_para_char_frac=0)
+    checked = 0
+    for _ in range(150):
+        pool = vocab[: rng.randint(2, len(vocab))]
+        words = [rng.choice(pool) for _ in range(rng.randint(12, 120))]
+        if rng.random() < 0.5:  # a repeated block, as in boilerplate
+            block = words[: rng.randint(5, 12)]
+            words[rng.randint(0, len(words) - 1) :] += block * rng.randint(1, 3)
+        text = " ".join(words)
+        assert split_words(text) == words
+        for n in (2, 3, 4, 5, 6, 8, 10):
+            if len(words) < n:
+                continue
+            if n <= 4:
+                value = grf.find_top_duplicate(grf.get_n_grams(words, n)) / len(text)
+                kw = dict(top_n_grams={n: 0}, dup_n_grams={})
+                key, reason = "top_n_grams", f"top_{n}_gram"
+            else:
+                value = grf.find_all_duplicate(words, n) / len(text)
+                kw = dict(top_n_grams={}, dup_n_grams={n: 0})
+                key, reason = "dup_n_grams", f"duplicated_{n}_n_grams"
+            if value == 0:
+                continue
+            for eps, expect in ((-1e-9, reason), (1e-9, None)):
+                kw[key] = {n: value + eps}
+                got = GopherRepetition(GopherRepetitionConfig(**off, **kw))(DocText(text))
+                assert got == expect, (n, value, eps, text)
+            checked += 1
+    assert checked > 500
+
+
+def test_batched_spacy_call_equals_one_call_per_chunk():
+    """New chunks go through spaCy in one call per document (data/filters/text.py `_learn_spans`); its
+    special-case matcher works across tokens (":(" from ":" and "("), so neighbouring chunks must not
+    shadow each other's special cases. Every ordered pair of emoticon-like chunks, tokenized together,
+    gives each chunk's own tokens."""
+    from data.filters import text as ft
+
+    pieces = [
+        "ban:",
+        "(",
+        ":(",
+        "''AS",
+        "x'",
+        "'",
+        "(==)",
+        "=)",
+        "(=",
+        ":)",
+        "a.",
+        "can't",
+        "''",
+        ":",
+        "=",
+        "x",
+    ]
+    pairs = [(a, b) for a in pieces for b in pieces if a != b]
+    for a, b in pairs:
+        ft._SPANS.clear()
+        ft._learn_spans([a, b])
+        for chunk in (a, b):
+            spans = ft._SPANS[chunk][0]
+            assert tuple(chunk[i:j] for i, j in spans) == ft.spacy_chunk_tokens(chunk), (a, b)
+    ft.clear_caches()
