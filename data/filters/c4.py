@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 
 from data.config import C4Config
-from data.filters.text import count_sentences
+from data.filters.text import count_sentences, tokenize_chunks
 
 CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
 ELLIPSIS = "..."
@@ -49,15 +49,20 @@ class C4Lines:
     def clean(self, text: str) -> tuple[str | None, str | None]:
         """(new text, None) to keep the page with its kept lines, or (None, reason) to drop it."""
         c = self.cfg
-        sentences = 0
         kept = []
         for line in text.splitlines():
-            line = line.strip()
-            words = line.split()
-            if c.max_word_length != -1 and any(len(w) > c.max_word_length for w in words):
-                continue
-            line = CITATION.sub("", line)
+            # datatrove's checks in a cheaper order (each only skips the line, so the order does not
+            # change what is kept): terminal punctuation (after citation removal) first, then the words.
+            raw = line.strip()
+            line = CITATION.sub("", raw)
             if c.filter_no_terminal_punct and (not line.endswith(self.end_marks) or line.endswith(ELLIPSIS)):
+                continue
+            words = raw.split()
+            if (
+                c.max_word_length != -1
+                and len(raw) > c.max_word_length
+                and max(map(len, words)) > c.max_word_length
+            ):
                 continue
             # datatrove counts the words before citation removal, c4_utils after it.
             n_words = len(words) if self.cfg.variant == "datatrove" else len(line.split())
@@ -72,9 +77,11 @@ class C4Lines:
                 return None, "curly_bracket"
             if any(p in low for p in POLICY_SUBSTRINGS):
                 continue
-            if self.min_sentences != -1:
-                sentences += count_sentences(line)
             kept.append(line)
-        if sentences < self.min_sentences:
-            return None, "too_few_sentences"
+        # Every kept line counts as at least one sentence (datatrove: an empty line too), so the count is
+        # needed only when fewer lines than the minimum number of sentences are kept.
+        if len(kept) < self.min_sentences:
+            tokenize_chunks("\n".join(kept))
+            if sum(map(count_sentences, kept)) < self.min_sentences:
+                return None, "too_few_sentences"
         return "\n".join(kept).strip(), None

@@ -336,6 +336,7 @@ def _tokenize_new(chunks: list[str]) -> None:
     if len(_CHUNK_TOKENS) + len(chunks) >= _CACHE_LIMIT:
         _CHUNK_TOKENS.clear()
         _SPANS.clear()
+        _STEPS.clear()
     reps = _canon().reps(chunks)
     missing = [r for r in dict.fromkeys(reps) if r not in _SPANS]
     if missing:
@@ -369,6 +370,7 @@ def clear_caches() -> None:
     _CHUNK_TOKENS.clear()
     _SPANS.clear()
     _WORD_CODES.clear()
+    _STEPS.clear()
 
 
 def split_words(text: str) -> list[str]:
@@ -381,18 +383,11 @@ def split_words(text: str) -> list[str]:
     return list(chain.from_iterable(toks))
 
 
-def _line_tokens(line: str):
-    """The tokens spaCy makes of a stripped line, whitespace tokens included: a whitespace run is a
-    token, less its first character when that is a plain space (spaCy keeps it as trailing space)."""
-    for piece in _WS_RUN.split(line):
-        if not piece:
-            continue
-        if piece[0].isspace():
-            rest = piece[1:] if piece[0] == " " else piece
-            if rest:
-                yield rest
-        else:
-            yield from chunk_tokens(piece)
+def tokenize_chunks(text: str) -> None:
+    """Cache the tokens of every chunk of `text` not seen before, in one spaCy call."""
+    new = set(text.split()).difference(_CHUNK_TOKENS)
+    if new:
+        _tokenize_new(list(new))
 
 
 @lru_cache(maxsize=1 << 16)
@@ -400,22 +395,53 @@ def _is_punct(token: str) -> bool:
     return bool(_nlp().vocab[token].is_punct)
 
 
+_STEPS: dict[str, tuple[int, bool, int, bool]] = {}
+
+
+def _sentence_steps(piece: str) -> tuple[int, bool, int, bool]:
+    """What one piece of a line (a chunk, or a whitespace run: spaCy makes a token of it, less its first
+    character when that is a plain space) does to the Sentencizer's state: (sentence starts, seen a
+    sentence-final mark after it) entering without and with a pending mark. Cached per piece."""
+    steps = _STEPS.get(piece)
+    if steps is None:
+        if piece[0].isspace():
+            rest = piece[1:] if piece[0] == " " else piece
+            tokens = (rest,) if rest else ()
+        else:
+            tokens = chunk_tokens(piece)
+        punct = _sentence_punct()
+        out: list = []
+        for seen in (False, True):
+            starts = 0
+            for token in tokens:
+                if token in punct:
+                    seen = True
+                elif seen and not _is_punct(token):
+                    starts += 1
+                    seen = False
+            out += [starts, seen]
+        steps = _STEPS[piece] = tuple(out)
+    return steps
+
+
 def count_sentences(text: str) -> int:
     """len(datatrove `split_into_sentences(text, "en")`) for a stripped line: sentences by spaCy's
-    Sentencizer rule (a new sentence starts at the first non-punctuation token after a sentence-final
-    mark). Text without any sentence-final character is one sentence."""
-    punct = _sentence_punct()
-    if punct.isdisjoint(text):
+    Sentencizer rule (a new sentence starts at the first token after a sentence-final mark that is
+    neither such a mark nor punctuation). Text without any sentence-final character is one sentence.
+    The rule is a two-state machine, so each chunk's effect on it is computed once (`_sentence_steps`)."""
+    if _sentence_punct().isdisjoint(text):
         return 1
-    starts = 1
-    seen_period = False
-    for token in _line_tokens(text):
-        in_punct = token in punct
-        if seen_period and not in_punct and not _is_punct(token):
-            starts += 1
-            seen_period = False
-        elif in_punct:
-            seen_period = True
+    starts, seen = 1, False
+    get = _STEPS.get
+    for piece in _WS_RUN.split(text):
+        if piece:
+            steps = get(piece) or _sentence_steps(piece)
+            if seen:
+                starts += steps[2]
+                seen = steps[3]
+            else:
+                starts += steps[0]
+                seen = steps[1]
     return starts
 
 
@@ -423,7 +449,12 @@ _WORD_CODES: dict[str, int] = {}
 _FIELD = 1 << 32
 
 
+_PUNCT_ALPHA = any(ch.isalpha() for ch in PUNCTUATION_SET)  # False: a letter is never a symbol
+
+
 def _word_code(word: str) -> int:
+    if word.isalpha() and not _PUNCT_ALPHA:  # most words: a letter makes it non-symbol and alphabetic
+        return 1 + _FIELD + len(word) * _FIELD * _FIELD
     non_symbol = any(ch not in PUNCTUATION_SET for ch in word)
     alpha = any(ch.isalpha() for ch in word)
     return non_symbol + alpha * _FIELD + (len(word) if non_symbol else 0) * _FIELD * _FIELD
