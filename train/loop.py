@@ -134,6 +134,7 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
             sp=layout.sp,
             dtype=dtype,
             attention_backend=cfg.model.attention_backend,
+            fusions=cfg.model.fusion.resolve(run.device.type),
             **engine_kwargs,
         )
         if hf_init:  # before the engine wraps it: its fp32 main params / ZeRO shards are copied from these

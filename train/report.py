@@ -28,6 +28,7 @@ def greedy_sample(cfg: TrainConfig, last, *, run, tokenizer) -> str:
         tp=cfg.parallel.tp,
         sp=False,
         attention_backend=cfg.model.attention_backend,
+        fusions=cfg.model.fusion.resolve(run.device.type),
     ).to(run.device)
     checkpoint.load(last.checkpoint, model=model)
     model.eval()
