@@ -67,7 +67,9 @@ def resolve_fusions(device_type: str, **choices: object) -> Fusions:
     """The kernels to run on `device_type` (cpu, cuda) for `choices` (kernel -> auto/true/false; missing = auto)."""
     unknown = sorted(set(choices) - set(KERNELS))
     if unknown:
-        raise ConfigError(f"model.fusion.{unknown[0]}", choices[unknown[0]], f"kernels are {', '.join(KERNELS)}")
+        raise ConfigError(
+            f"model.fusion.{unknown[0]}", choices[unknown[0]], f"kernels are {', '.join(KERNELS)}"
+        )
     auto = AUTO.get(device_type, AUTO["cpu"])
     picked = {k: fusion_choice(k, choices.get(k, "auto")) for k in KERNELS}
     return Fusions(**{k: auto[k] if v is None else v for k, v in picked.items()})
@@ -83,10 +85,16 @@ def _cross_entropy_function():
 
     def gradients(softmax, grad_output, target_mask, masked_target_1d):
         """megatron's fused `calculate_gradients` without its cast to bfloat16: (softmax - onehot) * grad_output."""
-        grad_2d, arange_1d, update, grad_input = Parts.prepare_gradient_calculation_operands(softmax, target_mask)
-        return Parts.calculate_gradients(grad_2d, arange_1d, masked_target_1d, update, grad_input, grad_output)
+        grad_2d, arange_1d, update, grad_input = Parts.prepare_gradient_calculation_operands(
+            softmax, target_mask
+        )
+        return Parts.calculate_gradients(
+            grad_2d, arange_1d, masked_target_1d, update, grad_input, grad_output
+        )
 
-    fused_gradients = jit.jit_fuser(gradients)  # compiled like megatron's own pieces (torch.compile, torch >= 2.2)
+    fused_gradients = jit.jit_fuser(
+        gradients
+    )  # compiled like megatron's own pieces (torch.compile, torch >= 2.2)
 
     class FusedCrossEntropy(torch.autograd.Function):
         @staticmethod

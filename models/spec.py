@@ -131,6 +131,9 @@ def transformer_config(
 
         raise ConfigError("model.rope.kind", arch.rope.kind, "MLA (megatron-core) supports none or yarn")
     cls = MLATransformerConfig if arch.mla is not None else TransformerConfig
+    # megatron's experts weight the activation by the router probability inside the fused kernel, which exists
+    # for SwiGLU only ("Only support fusion of swiglu and quick_gelu with per_token_scale"): GeGLU MoE stays plain.
+    fused_activation = fused_activation and not (arch.moe is not None and arch.activation == "geglu")
     window = None
     if arch.sliding_window is not None and arch.window_every == 1:
         window = (arch.sliding_window - 1, 0)  # megatron keeps [i - left, i]: `sliding_window` tokens

@@ -1,6 +1,6 @@
 """The fused and compiled kernels (models/fusions.py) against the plain path, fp32 on CPU: same loss and gradients
-within EXACT (1e-6 of each tensor's largest entry; measured <= 2e-7) for the fused norm, activation and
-cross-entropy, COMPILED (5e-5; measured ~3e-6, inductor reorders reductions) for torch.compile per layer; a short
+within EXACT (1e-6 of each tensor's largest entry; measured <= 6e-7) for the fused norm, activation and
+cross-entropy, COMPILED (5e-5; measured 6e-7 to 3e-6, inductor reorders reductions) for torch.compile per layer; a short
 training run with the same per-step losses; and the `model.fusion` settings. TP=2: tests/models/test_fusions_tp.py.
 """
 
@@ -58,7 +58,10 @@ def test_fused_rms_norm_is_exact(zero_centered, monkeypatch):
     real = torch.nn.functional.rms_norm
     monkeypatch.setattr(torch.nn.functional, "rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(0)
-    plain, fused = RMSNorm(None, 64, zero_centered=zero_centered), RMSNorm(None, 64, zero_centered=zero_centered)
+    plain, fused = (
+        RMSNorm(None, 64, zero_centered=zero_centered),
+        RMSNorm(None, 64, zero_centered=zero_centered),
+    )
     with torch.no_grad():
         plain.weight.uniform_(-0.5, 1.5)
         fused.weight.copy_(plain.weight)
@@ -76,11 +79,12 @@ def test_fused_rms_norm_is_exact(zero_centered, monkeypatch):
 
 @pytest.mark.parametrize("case", ["llama3", "gemma2", "mixtral"])
 def test_fused_activation_equals_plain(case, tokens, megatron_world1, monkeypatch):
-    """SwiGLU (Llama, and Mixtral's experts) and GeGLU (Gemma 2, tanh form) through megatron's fused kernels."""
+    """SwiGLU (Llama; Mixtral's experts through the probability-weighted kernel) and GeGLU (Gemma 2, tanh form)
+    through megatron's fused kernels."""
     import megatron.core.transformer.mlp as mlp
 
     calls = []
-    for name in ("bias_swiglu_impl", "bias_geglu_impl"):
+    for name in ("bias_swiglu_impl", "bias_geglu_impl", "weighted_bias_swiglu_impl"):
         real = getattr(mlp, name)
         monkeypatch.setattr(mlp, name, lambda *a, _r=real, **k: calls.append(1) or _r(*a, **k))
     plain, fused = _pair(case, Fusions(activation=True))
@@ -91,9 +95,16 @@ def test_fused_activation_equals_plain(case, tokens, megatron_world1, monkeypatc
     assert loss <= EXACT and grads <= EXACT
 
 
-def test_fused_cross_entropy_equals_plain(tokens, megatron_world1):
-    plain, fused = _pair("gemma2", Fusions(cross_entropy=True))  # with final soft-capping and tied embeddings
+def test_fused_cross_entropy_equals_plain(tokens, megatron_world1, monkeypatch):
+    import models.gpt
+
+    calls = []
+    monkeypatch.setattr(
+        models.gpt, "fused_cross_entropy", lambda *a: calls.append(1) or fused_cross_entropy(*a)
+    )
+    plain, fused = _pair("gemma2", Fusions(cross_entropy=True))  # with final soft-capping and z-loss off
     loss, grads = _worst(plain, fused, tokens)
+    assert calls, "the fused cross-entropy did not run"
     print(f"cross-entropy: loss rel {loss:.1e}, worst grad rel {grads:.1e}")
     assert loss <= EXACT and grads <= EXACT
 
@@ -144,14 +155,15 @@ def _train(model, batches, *, steps: int) -> list[float]:
     return losses
 
 
-def test_training_with_every_fusion_gives_the_same_losses(megatron_world1):
+@pytest.mark.parametrize("compiled", [False, True], ids=["fused", "fused+compiled"])
+def test_training_with_every_fusion_gives_the_same_losses(compiled, megatron_world1):
     torch.manual_seed(5)
-    batches = torch.randint(0, VOCAB, (6, 4, SEQ + 1))
-    plain, fused = _pair("llama3", Fusions(norm=True, activation=True, cross_entropy=True))
+    batches = torch.randint(0, VOCAB, (1, 4, SEQ + 1)).expand(6, -1, -1)  # one batch, learnt by heart
+    plain, fused = _pair("llama3", Fusions(norm=True, activation=True, cross_entropy=True, compile=compiled))
     ref, got = _train(plain, batches, steps=6), _train(fused, batches, steps=6)
     print("plain", ref, "\nfused", got)
-    assert ref[-1] < ref[0] - 0.05  # it learns
-    assert max(abs(a - b) / abs(b) for a, b in zip(got, ref)) <= EXACT
+    assert ref[-1] < ref[0] - 0.5  # it learns
+    assert max(abs(a - b) / abs(b) for a, b in zip(got, ref)) <= (COMPILED if compiled else EXACT)
 
 
 def test_auto_resolves_per_device():
