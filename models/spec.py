@@ -12,6 +12,8 @@ CoreAttention through torch's scaled_dot_product_attention, every layer), `local
 DotProductAttention where it covers the layer, the plain-torch math elsewhere: the reference path), `te`
 (TransformerEngine's fused TEDotProductAttention where it covers the layer, sdpa elsewhere), `auto` (te when
 transformer_engine imports, else sdpa). Only the core attention changes: parameters and checkpoints are the same.
+The gated MLP activation runs through megatron's fused SwiGLU/GeGLU when `fused_activation` (model.fusion.activation,
+models/fusions.py).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from models.arch import Arch
 from models.blocks import CoreAttention, PostNormRowParallelLinear, RMSNorm
 from models.rope import attention_scale
 
-_FUSIONS_OFF = dict(  # fusions need CUDA/Apex/TE; numerics stay those of the reference implementations
+# These fusions need CUDA/Apex/TE; numerics stay those of the reference implementations. bias_activation_fusion
+# follows model.fusion.activation (models/fusions.py), set in transformer_config.
+_FUSIONS_OFF = dict(
     bias_dropout_fusion=False,
     masked_softmax_fusion=False,
     apply_rope_fusion=False,
