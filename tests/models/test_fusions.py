@@ -12,7 +12,7 @@ import torch
 from models.blocks import RMSNorm
 from models.fusions import Fusions, fused_cross_entropy, resolve_fusions
 from models.gpt import build_model
-from tests.models.hf_helpers import SEQ, VOCAB, arch_of
+from tests.models.hf_helpers import CASES, SEQ, VOCAB, arch_of
 from train.errors import ConfigError
 
 EXACT = 1e-6
@@ -23,8 +23,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def _pair(case: str, fusions: Fusions):
+def _pair(case: str, fusions: Fusions, **overrides):
     _, arch = arch_of(case)
+    arch = arch.replace(**overrides)
     plain = build_model(arch, vocab_size=VOCAB, max_seq_length=SEQ)
     fused = build_model(arch, vocab_size=VOCAB, max_seq_length=SEQ, fusions=fusions)
     fused.load_state_dict(plain.state_dict())
@@ -77,7 +78,7 @@ def test_fused_rms_norm_is_exact(zero_centered, monkeypatch):
     assert rel(fused.weight.grad, plain.weight.grad) <= EXACT
 
 
-@pytest.mark.parametrize("case", ["llama3", "gemma2", "mixtral"])
+@pytest.mark.parametrize("case", list(CASES))
 def test_fused_activation_equals_plain(case, tokens, megatron_world1, monkeypatch):
     """SwiGLU (Llama; Mixtral's experts through the probability-weighted kernel) and GeGLU (Gemma 2, tanh form)
     through megatron's fused kernels."""
@@ -95,17 +96,21 @@ def test_fused_activation_equals_plain(case, tokens, megatron_world1, monkeypatc
     assert loss <= EXACT and grads <= EXACT
 
 
-def test_fused_cross_entropy_equals_plain(tokens, megatron_world1, monkeypatch):
+@pytest.mark.parametrize(
+    ("case", "overrides"),
+    [("llama3", {}), ("gemma2", {}), ("qwen2", {"z_loss_coeff": 1e-2})],  # soft-capping; tied + z-loss
+)
+def test_fused_cross_entropy_equals_plain(case, overrides, tokens, megatron_world1, monkeypatch):
     import models.gpt
 
     calls = []
     monkeypatch.setattr(
         models.gpt, "fused_cross_entropy", lambda *a: calls.append(1) or fused_cross_entropy(*a)
     )
-    plain, fused = _pair("gemma2", Fusions(cross_entropy=True))  # with final soft-capping and z-loss off
+    plain, fused = _pair(case, Fusions(cross_entropy=True), **overrides)
     loss, grads = _worst(plain, fused, tokens)
     assert calls, "the fused cross-entropy did not run"
-    print(f"cross-entropy: loss rel {loss:.1e}, worst grad rel {grads:.1e}")
+    print(f"{case} cross-entropy: loss rel {loss:.1e}, worst grad rel {grads:.1e}")
     assert loss <= EXACT and grads <= EXACT
 
 
