@@ -5,7 +5,11 @@
 
 Implementations (each a full training step: zero grads, forward, backward, clip to 1.0, AdamW):
   kiln          models.gpt.build_model + the megatron engine the training loop uses (parallel/engines/megatron.py;
-                its DDP wrapper and megatron-core optimizer), as a world of one (configs/parallel/single.yaml)
+                its DDP wrapper and megatron-core optimizer), as a world of one (configs/parallel/single.yaml),
+                with the fused kernels `model.fusion` auto picks on this device (models/fusions.py)
+  kiln-plain    the same, every fusion off (the reference path)
+  kiln-fused    the same, fused RMSNorm, SwiGLU and cross-entropy on (no compile)
+  kiln-compiled kiln-fused + torch.compile on each transformer layer
   transformers  transformers' LlamaForCausalLM, attn_implementation="sdpa", torch.optim.AdamW
   plain         bench/plain_gpt.py, a single-file PyTorch GPT, torch.optim.AdamW
 The model is llama3 `--size` (a size of models/llama.py; tiny by default), fp32 on CPU and bf16 on GPU. After warm-up the
@@ -20,6 +24,7 @@ up (built one after another, so later rows reuse freed pages: read it as an uppe
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -32,6 +37,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 IMPLS = ("kiln", "transformers", "plain")
+KILN_VARIANTS = {  # impl name -> model.fusion settings (models/fusions.py)
+    "kiln": {},
+    "kiln-plain": dict(norm="false", activation="false", cross_entropy="false", compile="false"),
+    "kiln-fused": dict(norm="true", activation="true", cross_entropy="true", compile="false"),
+    "kiln-compiled": dict(norm="true", activation="true", cross_entropy="true", compile="true"),
+}
 LR, BETAS, EPS, WD, CLIP = 1e-3, (0.9, 0.95), 1e-8, 0.1, 1.0
 
 
@@ -44,10 +55,13 @@ def memory_now(device) -> int:
     return psutil.Process().memory_info().rss
 
 
-def kiln_step(arch, *, vocab: int, seq: int, batch: int, device, dtype, attention: str) -> Callable:
+def kiln_step(
+    arch, *, vocab: int, seq: int, batch: int, device, dtype, attention: str, fusion: dict
+) -> Callable:
     import torch
     from omegaconf import OmegaConf
 
+    from models.fusions import resolve_fusions
     from models.gpt import build_model
     from parallel.engines import OptimSettings, build_engine
     from parallel.layout import ParallelLayout
@@ -62,6 +76,7 @@ def kiln_step(arch, *, vocab: int, seq: int, batch: int, device, dtype, attentio
             max_seq_length=seq,
             dtype=dtype,
             attention_backend=attention,
+            fusions=resolve_fusions(device.type, **fusion),
             **kw,
         ),
         optim=OptimSettings(lr=LR, min_lr=LR, weight_decay=WD, betas=BETAS, eps=EPS, clip_grad=CLIP),
@@ -160,9 +175,19 @@ def measure(args, seq: int, *, device, dtype) -> dict[str, dict]:
     arch = resolve_arch("llama3", args.size)
     batch = max(1, args.batch_tokens // seq)
     builders = {
-        "kiln": lambda: kiln_step(
-            arch, vocab=args.vocab, seq=seq, batch=batch, device=device, dtype=dtype, attention=args.attention
-        ),
+        name: functools.partial(
+            kiln_step,
+            arch,
+            vocab=args.vocab,
+            seq=seq,
+            batch=batch,
+            device=device,
+            dtype=dtype,
+            attention=args.attention,
+            fusion=fusion,
+        )
+        for name, fusion in KILN_VARIANTS.items()
+    } | {
         "transformers": lambda: transformers_step(arch, vocab=args.vocab, device=device, dtype=dtype),
         "plain": lambda: plain_step(arch, vocab=args.vocab, device=device, dtype=dtype),
     }
@@ -188,7 +213,7 @@ def measure(args, seq: int, *, device, dtype) -> dict[str, dict]:
             sync(device)
             results[name]["times"].append(time.perf_counter() - t0)
             results[name]["loss"] = float(loss)
-    if args.profile:
+    if args.profile and "kiln" in steps:
         profile(steps["kiln"], data, device=device, folder=args.profile, steps=args.profile_steps, seq=seq)
     return results
 
@@ -252,7 +277,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--size", default="tiny", help="a llama3 size of models/llama.py")
     parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--impls", default=",".join(IMPLS))
+    parser.add_argument(
+        "--impls",
+        default=",".join(IMPLS),
+        help=f"comma-separated, of {', '.join([*KILN_VARIANTS, *IMPLS[1:]])}",
+    )
     parser.add_argument("--attention", default="auto", help="Kiln's model.attention_backend")
     parser.add_argument("--profile", default="", help="folder for a torch profiler trace of Kiln's steps")
     parser.add_argument("--profile-steps", type=int, default=3)

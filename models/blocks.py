@@ -1,7 +1,8 @@
 """Building blocks megatron-core 0.16 lacks, as plain torch modules that plug into its layer specs.
 
 - `RMSNorm` (Zhang & Sennrich 2019), optionally scaling by (1 + weight) (Gemma), computed in float32 as HF does;
-  its weight is tagged for megatron's sequence-parallel grad all-reduce.
+  its weight is tagged for megatron's sequence-parallel grad all-reduce. `fused` (models/fusions.py, set by
+  build_model) normalizes through torch's `F.rms_norm` kernel: the same math, and the same rounding order.
 - `PostNormRowParallelLinear`: megatron's RowParallelLinear followed by an RMSNorm - the "post" half of Gemma 2's
   sandwich norm (norm after attention and after the MLP, before the residual add; Gemma Team 2024, sec. 2).
 - `CoreAttention`: causal softmax attention with a sliding window, attention-logit soft-capping
@@ -28,6 +29,7 @@ class RMSNorm(nn.Module):
         if zero_centered is None:
             zero_centered = bool(getattr(config, "layernorm_zero_centered_gamma", False))
         self.zero_centered, self.eps = zero_centered, eps
+        self.fused = False
         dtype = getattr(config, "params_dtype", torch.float32)
         init = torch.zeros if zero_centered else torch.ones
         self.weight = nn.Parameter(init(hidden_size, dtype=dtype))
@@ -36,7 +38,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.fused:
+            h = F.rms_norm(h, h.shape[-1:], eps=self.eps)
+        else:
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.zero_centered:  # Gemma: (1 + w) in float32, then cast (HF Gemma2RMSNorm)
             return (h * (1.0 + self.weight.float())).to(dtype)
         return self.weight * h.to(dtype)  # Llama: cast first, then scale (HF LlamaRMSNorm)

@@ -1,7 +1,8 @@
 """`build_model`: the one place an `Arch` becomes a megatron-core GPTModel.
 
 `KilnGPTModel` adds to megatron-core's GPTModel only what it lacks: RoPE scaling kinds (models/rope.py), embedding
-scaling by sqrt(d) (Gemma), final-logit soft-capping (Gemma 2) and the output z-loss (PaLM).
+scaling by sqrt(d) (Gemma), final-logit soft-capping (Gemma 2), the output z-loss (PaLM), and the fused
+cross-entropy with the gradient in the logits' dtype (models/fusions.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from megatron.core.models.gpt import GPTModel
 
 from models.arch import Arch, RopeScaling
 from models.arch import attention_backend as resolve_backend
+from models.blocks import RMSNorm
+from models.fusions import Fusions, compile_layers, fused_cross_entropy
 from models.llama import padded_vocab_size
 from models.rope import KilnRotaryEmbedding
 from models.spec import block_spec, transformer_config
@@ -23,6 +26,7 @@ class KilnGPTModel(GPTModel):
     def __init__(self, *, arch: Arch, **kwargs):
         super().__init__(**kwargs)
         self.arch = arch
+        self.fused_cross_entropy = False
         if self.position_embedding_type == "rope" and arch.mla is None:
             self.rotary_pos_emb = KilnRotaryEmbedding(
                 dim=arch.head_dim, theta=arch.rope_theta, scaling=arch.rope, cp_group=self.pg_collection.cp
@@ -43,7 +47,11 @@ class KilnGPTModel(GPTModel):
         sec. 5), the log-normalizer summed over the vocab shards of all tensor-parallel ranks."""
         # Before the cross-entropy: megatron's vocab-parallel CE shifts the logits in place.
         extra = self.arch.z_loss_coeff * z_loss(logits).transpose(0, 1) if self.arch.z_loss_coeff else None
-        loss = super().compute_language_model_loss(labels, logits)
+        if self.fused_cross_entropy:
+            loss = fused_cross_entropy(logits, labels.transpose(0, 1).contiguous(), self.pg_collection.tp)
+            loss = loss.transpose(0, 1).contiguous()  # (seq, batch) -> (batch, seq)
+        else:
+            loss = super().compute_language_model_loss(labels, logits)
         return loss if extra is None else loss + extra
 
 
@@ -95,12 +103,14 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     config_overrides: dict | None = None,
     attention_backend: str = "auto",
+    fusions: Fusions | None = None,
 ) -> KilnGPTModel:
     """A megatron-core GPTModel for `arch` at this layout (this pipeline stage's layers; `vp_stage` for interleaved
     PP). `rope_scaling_factor` > 1 switches RoPE to linear position interpolation (a long-context stage, Chen et al.
     2023); it changes no weights, so a checkpoint loads either way. The vocabulary is padded for TP.
     `config_overrides`: TransformerConfig fields the engine sets (recompute, pipeline p2p; parallel/engines/).
-    `attention_backend`: the core-attention backend (models/spec.py attention_backend: auto, sdpa, local or te)."""
+    `attention_backend`: the core-attention backend (models/spec.py attention_backend: auto, sdpa, local or te).
+    `fusions`: the fused/compiled kernels to run (models/fusions.py resolve_fusions); None = the plain path."""
     from megatron.core import parallel_state
 
     from parallel.fixes import (
@@ -118,7 +128,10 @@ def build_model(
     if rope_scaling_factor != 1.0:
         arch = dataclasses.replace(arch, rope=RopeScaling(kind="linear", factor=rope_scaling_factor))
     arch.validate(max_seq_length=max_seq_length)
-    config = transformer_config(arch, tp=tp, sp=sp, ep=ep, etp=etp, pp=pp, vpp=vpp, dtype=dtype)
+    fusions = fusions or Fusions()
+    config = transformer_config(
+        arch, tp=tp, sp=sp, ep=ep, etp=etp, pp=pp, vpp=vpp, dtype=dtype, fused_activation=fusions.activation
+    )
     if config_overrides:
         config = dataclasses.replace(config, **config_overrides)
     pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage) if pp > 1 else True
@@ -142,6 +155,12 @@ def build_model(
         share_embeddings_and_output_weights=arch.tie_embeddings,
         vp_stage=vp_stage,
     )
+    model.fused_cross_entropy = fusions.cross_entropy
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.fused = fusions.norm
+    if fusions.compile:
+        compile_layers(model)
     if arch.moe is not None:
         from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 

@@ -12,6 +12,8 @@ CoreAttention through torch's scaled_dot_product_attention, every layer), `local
 DotProductAttention where it covers the layer, the plain-torch math elsewhere: the reference path), `te`
 (TransformerEngine's fused TEDotProductAttention where it covers the layer, sdpa elsewhere), `auto` (te when
 transformer_engine imports, else sdpa). Only the core attention changes: parameters and checkpoints are the same.
+The gated MLP activation runs through megatron's fused SwiGLU/GeGLU when `fused_activation` (model.fusion.activation,
+models/fusions.py).
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from models.arch import Arch
 from models.blocks import CoreAttention, PostNormRowParallelLinear, RMSNorm
 from models.rope import attention_scale
 
-_FUSIONS_OFF = dict(  # fusions need CUDA/Apex/TE; numerics stay those of the reference implementations
-    bias_activation_fusion=False,
+# These fusions need CUDA/Apex/TE; numerics stay those of the reference implementations. bias_activation_fusion
+# follows model.fusion.activation (models/fusions.py), set in transformer_config.
+_FUSIONS_OFF = dict(
     bias_dropout_fusion=False,
     masked_softmax_fusion=False,
     apply_rope_fusion=False,
@@ -37,6 +40,14 @@ _FUSIONS_OFF = dict(  # fusions need CUDA/Apex/TE; numerics stay those of the re
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")  # GeGLU gate as in Gemma (HF "gelu_pytorch_tanh")
+
+
+def _activation(arch: Arch, *, fused: bool):
+    """The GLU gate. megatron fuses F.silu and F.gelu only, and its fused "gelu" GLU is the tanh form
+    (fused_bias_geglu.py): F.gelu selects it. Unfused, F.gelu would be the erf form, so _gelu_tanh stays there."""
+    if arch.activation == "swiglu":
+        return F.silu
+    return F.gelu if fused else _gelu_tanh
 
 
 def softmax_scale(arch: Arch) -> float:
@@ -113,8 +124,10 @@ def transformer_config(
     pp: int = 1,
     vpp: int | None = None,
     dtype: torch.dtype = torch.float32,
+    fused_activation: bool = False,
 ):
-    """The megatron-core TransformerConfig (MLATransformerConfig for MLA) of `arch` at this layout."""
+    """The megatron-core TransformerConfig (MLATransformerConfig for MLA) of `arch` at this layout.
+    `fused_activation`: megatron's fused SwiGLU/GeGLU (models/fusions.py)."""
     from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     if arch.mla is not None and arch.rope.kind not in ("none", "yarn"):
@@ -122,6 +135,9 @@ def transformer_config(
 
         raise ConfigError("model.rope.kind", arch.rope.kind, "MLA (megatron-core) supports none or yarn")
     cls = MLATransformerConfig if arch.mla is not None else TransformerConfig
+    # megatron's experts weight the activation by the router probability inside the fused kernel, which exists
+    # for SwiGLU only ("Only support fusion of swiglu and quick_gelu with per_token_scale"): GeGLU MoE stays plain.
+    fused_activation = fused_activation and not (arch.moe is not None and arch.activation == "geglu")
     window = None
     if arch.sliding_window is not None and arch.window_every == 1:
         window = (arch.sliding_window - 1, 0)  # megatron keeps [i - left, i]: `sliding_window` tokens
@@ -136,7 +152,8 @@ def transformer_config(
         layernorm_epsilon=arch.norm_eps,
         layernorm_zero_centered_gamma=arch.norm_zero_centered,
         gated_linear_unit=True,  # SwiGLU / GeGLU: act(x W_gate) * (x W_up)  (Shazeer 2020)
-        activation_func=F.silu if arch.activation == "swiglu" else _gelu_tanh,
+        activation_func=_activation(arch, fused=fused_activation),
+        bias_activation_fusion=fused_activation,
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,
         softmax_scale=None if arch.mla is not None else softmax_scale(arch),

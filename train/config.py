@@ -16,6 +16,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from data.config import DataConfig
 from models.arch import Arch, attention_backend
+from models.fusions import Fusions, fusion_choice, resolve_fusions
 from models.registry import resolve_arch
 from parallel.layout import ParallelLayout
 from train.checkpoint import CheckpointConfig, ResumeConfig
@@ -32,6 +33,32 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 # ---------------------------------------------------------------------------------------------- model
+@dataclass
+class FusionConfig:
+    """Fused and compiled kernels (models/fusions.py); each auto, true or false. They change how the model is
+    computed, never its parameters or checkpoints. auto = what is exact and not slower on the run's device."""
+
+    norm: str = "auto"
+    """RMSNorm through torch's fused F.rms_norm kernel. auto: on (bitwise equal in fp32 on CPU, faster)."""
+    activation: str = "auto"
+    """SwiGLU/GeGLU through megatron-core's bias_activation_fusion (torch.compile'd). auto: on with CUDA, off on
+    CPU (slower there, and seconds of compile per process)."""
+    cross_entropy: str = "auto"
+    """megatron-core's fused vocab-parallel cross-entropy (native), gradient kept in the logits' dtype. auto: on
+    with CUDA, off on CPU (seconds of compile per process for a few percent)."""
+    compile: str = "false"
+    """torch.compile each transformer layer (torchtitan style). Not bitwise (~3e-6 rel in fp32 gradients), and
+    the first step compiles; auto = false until it is measured on a GPU."""
+
+    def __post_init__(self) -> None:
+        for kernel in ("norm", "activation", "cross_entropy", "compile"):
+            fusion_choice(kernel, getattr(self, kernel))
+
+    def resolve(self, device_type: str) -> Fusions:
+        """The kernels to run on `device_type` (cpu or cuda)."""
+        return resolve_fusions(device_type, **vars(self))
+
+
 @dataclass
 class ModelConfig:
     family: str = "llama3"
@@ -53,6 +80,8 @@ class ModelConfig:
     """Core attention (models/spec.py): auto (te when TransformerEngine imports, else sdpa), sdpa (torch's
     scaled_dot_product_attention: FlashAttention/cuDNN on GPU), local (megatron-core's unfused attention, the
     reference path) or te. Numerics and checkpoints are the same whichever runs."""
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    """Fused/compiled kernels: `model.fusion.{norm,activation,cross_entropy,compile}=auto|true|false`."""
 
     def arch(self) -> Arch:
         overrides = {k: v for k, v in vars(self).items() if k not in _NOT_ARCH and v is not None}
@@ -69,7 +98,7 @@ class ModelConfig:
         attention_backend(self.attention_backend)
 
 
-_NOT_ARCH = ("family", "size", "extra", "attention_backend")
+_NOT_ARCH = ("family", "size", "extra", "attention_backend", "fusion")
 
 
 @dataclass

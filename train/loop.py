@@ -124,6 +124,8 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
 
     dtype = torch.bfloat16 if run.device.type == "cuda" else torch.float32
     hf_init = resume is None and init_path is not None and is_hf_folder(init_path)
+    fusions = cfg.model.fusion.resolve(run.device.type)
+    log.info("%s kernels: %s", name, fusions)
 
     def make_model(**engine_kwargs) -> torch.nn.Module:
         model = build_model(
@@ -134,6 +136,7 @@ def run_stage(run: Run, name: str, stage: StageConfig, *, init_path: str | None)
             sp=layout.sp,
             dtype=dtype,
             attention_backend=cfg.model.attention_backend,
+            fusions=fusions,
             **engine_kwargs,
         )
         if hf_init:  # before the engine wraps it: its fp32 main params / ZeRO shards are copied from these

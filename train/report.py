@@ -4,6 +4,7 @@ plots (train/plots.py) into `<run_dir>/report/` with a one-page index.md and ind
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -28,6 +29,8 @@ def greedy_sample(cfg: TrainConfig, last, *, run, tokenizer) -> str:
         tp=cfg.parallel.tp,
         sp=False,
         attention_backend=cfg.model.attention_backend,
+        # no torch.compile: every prompt length of the sample would compile again
+        fusions=dataclasses.replace(cfg.model.fusion.resolve(run.device.type), compile=False),
     ).to(run.device)
     checkpoint.load(last.checkpoint, model=model)
     model.eval()
