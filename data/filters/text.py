@@ -190,6 +190,32 @@ def _regex_classes(pattern: re.Pattern) -> tuple[list[list[tuple[int, int]]], bo
     return classes, ok
 
 
+def _always_contains(pattern: re.Pattern, ch: str) -> bool:
+    """Whether every string `pattern` matches contains the character `ch` (read off its parse tree: a
+    literal, a sequence with such an item, a branch whose alternatives all have one, a repeat of at least
+    one such body)."""
+    from re import _constants as sc
+    from re import _parser as sp
+
+    def seq(items) -> bool:
+        return any(item(op, av) for op, av in items)
+
+    def item(op, av) -> bool:
+        if op is sc.LITERAL:
+            return av == ord(ch)
+        if op is sc.IN:
+            return list(av) == [(sc.LITERAL, ord(ch))]
+        if op is sc.SUBPATTERN:
+            return seq(av[3])
+        if op is sc.BRANCH:
+            return all(seq(alt) for alt in av[1])
+        if op in (sc.MAX_REPEAT, sc.MIN_REPEAT, sc.POSSESSIVE_REPEAT):
+            return av[0] >= 1 and seq(av[2])
+        return False
+
+    return seq(sp.parse(pattern.pattern, pattern.flags))
+
+
 class _Canon:
     """Which characters spaCy's tokenizer cannot tell apart, so that a chunk's tokens can be read off a
     representative chunk already tokenized. spaCy's tokenizer (spaCy 3, `Tokenizer._split_affixes` and
@@ -212,8 +238,11 @@ class _Canon:
         patterns += [tok.url_match.__self__] if tok.url_match is not None else []
         self.enabled = tok.token_match is None
         classes: list[list[tuple[int, int]]] = []
+        url_classes: set[int] = set()  # indices of the URL pattern's classes
         for pat in patterns:
             found, ok = _regex_classes(pat)
+            if tok.url_match is not None and pat is tok.url_match.__self__:
+                url_classes.update(range(len(classes), len(classes) + len(found)))
             self.enabled &= ok
             for ranges in found:
                 kept = []
@@ -238,6 +267,13 @@ class _Canon:
                     members[i].add(k)
         ids: dict[frozenset, int] = {}
         self._signature = [ids.setdefault(frozenset(m), len(ids)) for m in members]
+        # Every URL spaCy's url_match accepts contains ".", and so does every substring of a chunk it
+        # can see only if the chunk does: for chunks without ".", the URL pattern's classes (which tell
+        # digits apart for IP addresses and many letters for top-level domains) decide nothing.
+        url_dots = tok.url_match is None or _always_contains(tok.url_match.__self__, ".")
+        self._signature_nodot = [
+            ids.setdefault(frozenset(m - url_classes if url_dots else m), len(ids)) for m in members
+        ]
         self._bisect = bisect_right
         # Letter/digit runs of the special cases and of the tokens the special-case matcher looks for.
         plain = type(tok)(
@@ -254,6 +290,7 @@ class _Canon:
                 cores.update(_ALNUM_RUN.findall(piece))
         self.cores = frozenset(cores)
         self.table: dict[int, str] = {}  # code point -> its representative (only letters and digits)
+        self.table_nodot: dict[int, str] = {}  # the same for chunks without "."
         self._rep_of_key: dict[tuple, str] = {}
         self._known: set[str] = set()
 
@@ -264,21 +301,26 @@ class _Canon:
             if not ch.isalnum():
                 continue
             cp = ord(ch)
-            key = (self._signature[self._bisect(self._bounds, cp)], ch.isdecimal(), ch.isalpha())
-            rep = self._rep_of_key.setdefault(key, ch)
-            if rep != ch:
-                self.table[cp] = rep
+            i = self._bisect(self._bounds, cp)
+            for sig, table in (
+                (self._signature[i], self.table),
+                (self._signature_nodot[i], self.table_nodot),
+            ):
+                rep = self._rep_of_key.setdefault((sig, ch.isdecimal(), ch.isalpha()), ch)
+                if rep != ch:
+                    table[cp] = rep
 
     def reps(self, chunks: list[str]) -> list[str]:
-        """Each chunk's representative: the chunk with letters and digits replaced, or the chunk itself
-        where a replacement could change spaCy's decision (`_RISKY` contexts, special-case runs). The
-        table is applied to all chunks in one call (whitespace-free chunks joined by newlines)."""
+        """Each chunk's representative: the chunk with letters and digits replaced (through the coarser
+        table when it has no "."), or the chunk itself where a replacement could change spaCy's decision
+        (`_RISKY` contexts, special-case runs)."""
         if not self.enabled:
             return list(chunks)
         joined = "\n".join(chunks)
         self.learn(joined)
-        translated = joined.translate(self.table)
-        reps = translated.split("\n")
+        dot, nodot = self.table, self.table_nodot
+        reps = [c.translate(dot if "." in c else nodot) for c in chunks]
+        translated = "\n".join(reps)
         # Letter/digit runs that are special-case material, in the chunks or their representatives.
         hits = self.cores.intersection(_ALNUM_RUN.findall(joined)) | self.cores.intersection(
             _ALNUM_RUN.findall(translated)
