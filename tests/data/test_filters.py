@@ -282,3 +282,18 @@ def test_batched_spacy_call_equals_one_call_per_chunk():
             spans = ft._SPANS[chunk][0]
             assert tuple(chunk[i:j] for i, j in spans) == ft.spacy_chunk_tokens(chunk), (a, b)
     ft.clear_caches()
+
+
+def test_always_contains_reads_the_pattern():
+    """The coarse table for chunks without "." rests on `_always_contains(url_match, ".")`."""
+    import re
+
+    from data.filters import text as ft
+
+    assert ft._always_contains(re.compile(r"a\.b"), ".")
+    assert ft._always_contains(re.compile(r"(?:x\.)+y|[.]z"), ".")
+    assert not ft._always_contains(re.compile(r"a|b\."), ".")
+    assert not ft._always_contains(re.compile(r"(?:x\.)*y"), ".")
+    assert not ft._always_contains(re.compile(r"[.,]"), ".")
+    assert ft._always_contains(ft._tokenizer().url_match.__self__, ".")
+    assert not ft._always_contains(ft._tokenizer().url_match.__self__, ":")
