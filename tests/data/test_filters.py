@@ -297,3 +297,23 @@ def test_always_contains_reads_the_pattern():
     assert not ft._always_contains(re.compile(r"[.,]"), ".")
     assert ft._always_contains(ft._tokenizer().url_match.__self__, ".")
     assert not ft._always_contains(ft._tokenizer().url_match.__self__, ":")
+
+
+def test_tail_suffix_search_equals_full_search():
+    """The fast tokenizer's suffix search looks only at a chunk's tail (`_tail_search`); it finds the
+    same match as spaCy's pattern on the whole chunk, including runs of dots longer than the tail."""
+    import random
+
+    from data.filters import text as ft
+
+    pattern = ft._tokenizer().suffix_search.__self__
+    fast = ft._tail_search(pattern)
+    assert fast is not pattern.search  # the optimization applies to spaCy's English suffixes
+    rng = random.Random(0)
+    alphabet = "ab.,'s$%)]\"km5²°C…!?-" + "\u0430\u4e00"
+    chunks = VARIED[0].split() + VARIED[2].split() + VARIED[5].split()
+    chunks += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 14))) for _ in range(20000)]
+    chunks += ["x" + "." * k for k in range(1, 12)] + ["5" + "km" + "." * k for k in range(8)]
+    for s in chunks:
+        a, b = pattern.search(s), fast(s)
+        assert (a and a.span()) == (b and b.span()), s
