@@ -13,7 +13,6 @@ Mesh (megatron-core's order, `parallel_state.initialize_model_parallel`):
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 
 from train.errors import ConfigError
@@ -33,10 +32,6 @@ def _nearest(name: str, value: int, candidates: list[int]) -> str:
     above = [c for c in candidates if c > value]
     picks = ([max(below)] if below else []) + ([min(above)] if above else [])
     return " or ".join(f"{name}={p}" for p in picks or candidates[:1])
-
-
-def have_transformer_engine() -> bool:
-    return importlib.util.find_spec("transformer_engine") is not None
 
 
 @dataclass
@@ -61,7 +56,8 @@ class ParallelLayout:
     etp: int = 1
     """Expert tensor-parallel axis size (splits each expert's MLP)."""
     cp: int = 1
-    """Context-parallel axis size (splits the sequence in attention; needs TransformerEngine)."""
+    """Context-parallel axis size: each rank holds 2 of 2*cp chunks of every sequence; attention all-gathers the
+    keys and values over the axis (parallel/context.py; TransformerEngine's own CP with attention_backend=te)."""
     dp: int = -1
     """Data-parallel axis size; -1 infers it as world_size / (tp * cp * pp)."""
     zero_stage: int = 1
@@ -158,14 +154,6 @@ class ParallelLayout:
                     self.offload,
                     "CPU offload is a deepspeed feature in Kiln; set offload=none or engine=deepspeed",
                 )
-            if self.cp > 1 and not have_transformer_engine():
-                raise ConfigError(
-                    "parallel.cp",
-                    self.cp,
-                    "context parallelism in megatron-core needs TransformerEngine's attention "
-                    "(the local layer spec has none), and transformer_engine is not installed "
-                    "(it needs CUDA); set cp=1, or run on a GPU machine with transformer-engine installed",
-                )
             return
         # deepspeed: ZeRO over the data-parallel axis, megatron-core's tensor-parallel groups handed in as `mpu`.
         if self.sp:
@@ -218,10 +206,27 @@ class ParallelLayout:
         return self.engine == "megatron" and self.zero_stage == 1
 
     # ------------------------------------------------------------------------------------ the model
-    def check_model(self, *, heads: int, kv_heads: int, layers: int | None = None, experts: int = 0) -> None:
+    def check_model(
+        self,
+        *,
+        heads: int,
+        kv_heads: int,
+        layers: int | None = None,
+        experts: int = 0,
+        mla: bool = False,
+    ) -> None:
         """Tensor parallelism splits heads and kv heads; pipeline stages (times virtual stages) split layers;
-        expert parallelism splits experts."""
+        expert parallelism splits experts; context parallelism covers dense and MoE models with (grouped-query)
+        softmax attention, not MLA."""
         world = self.world_size
+        if self.cp > 1 and mla:
+            raise ConfigError(
+                "parallel.cp",
+                self.cp,
+                "context parallelism is not supported for multi-head latent attention (MLA, DeepSeek-V2) in Kiln: "
+                "its core attention has no context-parallel path tested here; set cp=1 (split long sequences "
+                "with tp and sp=true instead), or use a GQA model",
+            )
         for count, what in ((kv_heads, "kv heads"), (heads, "attention heads")):
             if count % self.tp:
                 fits = [
@@ -303,7 +308,10 @@ class ParallelLayout:
         if seq_length is not None:
             split = (self.tp if self.sp else 1) * 2 * self.cp if self.cp > 1 else (self.tp if self.sp else 1)
             if seq_length % split:
-                what = "tp (sequence parallel)" if self.cp == 1 else "tp*2*cp (sequence and context parallel)"
+                if self.cp == 1:
+                    what = "tp (sequence parallel)"
+                else:  # megatron-core's CP layout: 2*cp chunks per sequence (parallel/context.py)
+                    what = "tp*2*cp (sequence and context parallel)" if self.sp else "2*cp (context parallel)"
                 raise ConfigError(
                     seq_key or key.rsplit(".", 1)[0] + ".seq_length",
                     seq_length,
