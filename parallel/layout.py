@@ -327,7 +327,9 @@ class ParallelLayout:
         pipeline parallelism splits the layers pp ways, while the first stage also holds the input embedding and
         the last the output layer (`embedding_params` each: vocab x hidden). ZeRO stage 1 shards the optimizer
         state over dp, stage 2 also the gradients, stage 3 also the parameters (Rajbhandari et al. 2020, "ZeRO",
-        sec. 5.1 and Fig. 1), with the planner's bytes per parameter (parallel/plan/memory.py `state_bytes`)."""
+        sec. 5.1 and Fig. 1), with the planner's bytes per parameter (parallel/plan/memory.py `state_bytes`).
+        megatron-core's distributed optimizer shards over dp x cp (its data-parallel group with context
+        parallel ranks: every CP rank holds the whole model)."""
         from parallel.plan.memory import state_bytes
 
         if self.pp > 1:
@@ -336,7 +338,7 @@ class ParallelLayout:
             psi = params / self.tp
         weights, grads, optimizer = state_bytes(
             psi,
-            dp=self.dp_size,
+            dp=self.dp_size * (self.cp if self.engine == "megatron" else 1),
             engine=self.engine,
             zero=self.zero_stage,
             precision="bf16" if mixed_precision else "fp32",

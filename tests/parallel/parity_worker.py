@@ -33,15 +33,21 @@ ARCH = {
 
 
 EXPERTS = 4
+VARIANTS = {
+    # The core-attention features context parallelism has to carry through its chunked masks: MQA (one kv
+    # head), a sliding window shorter than the sequence and attention-logit soft-capping (the unfused path).
+    "mqa_window_softcap": {"num_kv_heads": 1, "sliding_window": 12, "attn_softcap": 5.0},
+}
 
 
-def build(tp: int = 1, sp: bool = False, moe: bool = False, **engine_kwargs):
+def build(tp: int = 1, sp: bool = False, moe: bool = False, variant: str | None = None, **engine_kwargs):
     """The parity model (models.gpt.build_model); `moe`: the same with 4 experts, top-2, no load-balancing loss
-    (its value would depend on how tokens are split across ranks). `engine_kwargs` come from the engine."""
+    (its value would depend on how tokens are split across ranks); `variant`: ARCH with a VARIANTS entry's
+    changes. `engine_kwargs` come from the engine."""
     from models.gpt import build_model
     from models.registry import resolve_arch
 
-    overrides = dict(ARCH)
+    overrides = dict(ARCH) | VARIANTS.get(variant or "", {})
     if moe:
         experts = {"num_experts": EXPERTS, "top_k": 2, "ffn_hidden_size": ARCH["ffn_hidden_size"] // 2}
         overrides["moe"] = {**experts, "aux_loss_coeff": 0.0}
@@ -59,10 +65,10 @@ def global_batch(step: int) -> dict[str, torch.Tensor]:
     }
 
 
-def reference(path: str, *, moe: bool = False) -> None:
+def reference(path: str, *, moe: bool = False, variant: str | None = None) -> None:
     """Single process, no engine: the numbers every layout must reproduce."""
     torch.manual_seed(0)
-    model = build(moe=moe)
+    model = build(moe=moe, variant=variant)
     init = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
     no_decay = [p for n, p in model.named_parameters() if p.ndim == 1 or n.endswith(".bias")]
@@ -178,13 +184,16 @@ def run_layout(spec: dict, ref: dict, *, scratch: str) -> dict:
     resume_at = spec.pop("resume_at", None)
     resume_as = spec.pop("resume_as", spec)
     moe = spec.pop("moe", False)
+    variant = spec.pop("variant", None)
     layout = ParallelLayout(nproc_per_node=dist.get_world_size(), micro_batch=MICRO, **spec)
     groups.init_model_parallel(layout, seed=1234, device=torch.device("cpu"))
 
     def fresh(init: dict):
         engine = build_engine(
             layout,
-            build_model=lambda **kw: load_full(build(tp=layout.tp, sp=layout.sp, moe=moe, **kw), init),
+            build_model=lambda **kw: load_full(
+                build(tp=layout.tp, sp=layout.sp, moe=moe, variant=variant, **kw), init
+            ),
             optim=OptimSettings(
                 lr=LR, min_lr=LR, weight_decay=WD, betas=(0.9, 0.95), eps=1e-8, clip_grad=CLIP
             ),
@@ -242,15 +251,25 @@ def moe_reference(path: str) -> str:
     return os.path.splitext(path)[0] + ".moe.pt"
 
 
+def reference_of(path: str, spec: dict) -> str:
+    """The reference file a layout compares with: <REF>.moe.pt for MoE, <REF>.<variant>.pt for a variant."""
+    if spec.get("moe"):
+        return moe_reference(path)
+    if spec.get("variant"):
+        return f"{os.path.splitext(path)[0]}.{spec['variant']}.pt"
+    return path
+
+
 def main() -> None:
     warnings.filterwarnings("ignore")
     ref_path, out_path, specs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    # MoE layouts ("moe": true) compare with the MoE reference, saved beside the dense one as <REF>.moe.pt.
+    # MoE layouts ("moe": true) compare with the MoE reference, saved beside the dense one as <REF>.moe.pt;
+    # "variant" layouts with <REF>.<variant>.pt.
     dist.init_process_group("gloo")
     results = {}
     for i, (name, spec) in enumerate(specs.items()):
         try:
-            ref = torch.load(moe_reference(ref_path) if spec.get("moe") else ref_path)
+            ref = torch.load(reference_of(ref_path, spec))
             results[name] = run_layout(spec, ref, scratch=os.path.join(os.path.dirname(out_path), f"ckpt{i}"))
         except Exception as e:  # one broken layout must not hide the others' numbers
             import traceback

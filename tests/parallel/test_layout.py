@@ -107,6 +107,9 @@ def test_context_parallel_layouts_and_refusals():
     )
     assert "set cp=1" in str(err.value)
     ParallelLayout(nproc_per_node=2).check_model(heads=16, kv_heads=16, mla=True)  # cp=1: MLA is fine
+    # megatron's distributed optimizer shards over dp x cp (measured in tests/parallel/test_parity.py)
+    cp2_dp2 = ParallelLayout(nproc_per_node=4, cp=2).model_state_bytes(10**6)
+    assert cp2_dp2 == ParallelLayout(nproc_per_node=4).model_state_bytes(10**6)
 
 
 def test_tensor_parallel_must_divide_heads_and_kv_heads():

@@ -66,12 +66,29 @@ FOUR = {
     "moe pp2 x ep2": {"moe": True, "pp": 2, "ep": 2},
 }
 
+# Context parallelism without TransformerEngine (parallel/context.py: all-gather K/V attention on megatron's
+# 2*cp chunk layout). The parity model is GQA (4 heads, 2 kv heads); the variant adds MQA, a sliding window
+# and soft-capping. Kept apart from TWO/FOUR so they run alone (-k context_parallel).
+CP_TWO = {
+    "cp2": {"cp": 2},
+    "cp2 + selective recompute": {"cp": 2, "recompute": "selective"},
+    "cp2, mqa + sliding window + soft-capping": {"cp": 2, "variant": "mqa_window_softcap"},
+    "moe cp2": {"moe": True, "cp": 2},
+}
+CP_FOUR = {
+    "cp2 x tp2 + sp": {"cp": 2, "tp": 2, "sp": True},
+    "cp2 x dp2 + distributed optimizer": {"cp": 2},
+    "cp2 x pp2": {"cp": 2, "pp": 2},
+}
+
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, megatron_world1) -> str:
     path = str(tmp_path_factory.mktemp("parity") / "reference.pt")
     W.reference(path)
     W.reference(W.moe_reference(path), moe=True)
+    for variant in W.VARIANTS:
+        W.reference(W.reference_of(path, {"variant": variant}), variant=variant)
     return path
 
 
@@ -91,7 +108,7 @@ def check(results: dict, layouts: dict, reference: str, nproc: int) -> None:
     assert sorted(results) == sorted(layouts)
     for name, got in results.items():
         moe = layouts[name].get("moe", False)
-        ref = torch.load(W.moe_reference(reference) if moe else reference)
+        ref = torch.load(W.reference_of(reference, layouts[name]))
         params = sum(v.numel() for v in ref["init"].values())
         assert "error" not in got, f"{name}: {got.get('error')}"
         assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5), name
@@ -105,7 +122,9 @@ def check(results: dict, layouts: dict, reference: str, nproc: int) -> None:
         if moe:
             continue  # the ZeRO formula below does not model expert sharding
         # The largest rank's measured bytes against the layout's ZeRO formula (within 5%).
-        spec = layouts[name].get("resume_as", {k: v for k, v in layouts[name].items() if k != "resume_at"})
+        spec = layouts[name].get(
+            "resume_as", {k: v for k, v in layouts[name].items() if k not in ("resume_at", "variant")}
+        )
         expected = ParallelLayout(nproc_per_node=nproc, **spec).model_state_bytes(
             params, embedding_params=W.VOCAB * W.ARCH["hidden_size"]
         )
@@ -128,3 +147,11 @@ def test_two_process_layouts_equal_one_process(reference, tmp_path):
 
 def test_four_process_layouts_equal_one_process(reference, tmp_path):
     check(launch(4, FOUR, reference, str(tmp_path / "four.json")), FOUR, reference, 4)
+
+
+def test_context_parallel_two_process_layouts_equal_one_process(reference, tmp_path):
+    check(launch(2, CP_TWO, reference, str(tmp_path / "cp_two.json")), CP_TWO, reference, 2)
+
+
+def test_context_parallel_four_process_layouts_equal_one_process(reference, tmp_path):
+    check(launch(4, CP_FOUR, reference, str(tmp_path / "cp_four.json")), CP_FOUR, reference, 4)
