@@ -19,6 +19,7 @@ sums every rank's contribution into the rank that owns the chunk.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -108,3 +109,35 @@ def attention(
         end = (k + 1) * c  # chunk k's queries see keys 0 .. end - 1, the last c of them causally
         out.append(attend(query[i * c : (i + 1) * c], key[:end], value[:end]))
     return torch.cat(out, dim=0)
+
+
+@contextlib.contextmanager
+def whole_sequences(model: torch.nn.Module):
+    """Run a model built under context parallelism on whole sequences on this rank alone (the passkey probe, the
+    report's greedy sample: every rank computes the same thing), restored on exit: RoPE not sliced
+    (megatron-core's RotaryEmbedding), no K/V all-gather (models/blocks.py CoreAttention), and the rotary length
+    not multiplied by cp (the TransformerConfig)."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from models.blocks import CoreAttention
+
+    config = model.config
+    saved = [(config, "context_parallel_size", config.context_parallel_size)]
+    saved += [
+        (m, "cp_group", m.cp_group)
+        for m in model.modules()
+        if isinstance(m, (RotaryEmbedding, CoreAttention))
+    ]
+    # RotaryEmbedding.forward is lru_cached by (module, length, ...): the sliced angles of training would be
+    # returned for the whole sequence of the same length.
+    clear = getattr(RotaryEmbedding.forward, "cache_clear", lambda: None)
+    try:
+        config.context_parallel_size = 1
+        for owner, attr, _ in saved[1:]:
+            setattr(owner, attr, None)
+        clear()
+        yield model
+    finally:
+        for owner, attr, value in saved:
+            setattr(owner, attr, value)
+        clear()
