@@ -107,3 +107,17 @@ def test_local_queries_against_gathered_kv_equal_full_attention(cp, case):
     for name, got, want in zip("qkv", grads, full_grad, strict=True):
         # relative to the largest gradient (the unfused path's softmax runs in float32, as on a GPU)
         assert (got - want).abs().max().item() < 1e-6 * want.abs().max().item(), (case, cp, name)
+
+
+def test_local_backend_under_cp_uses_the_gathering_core_attention():
+    """megatron-core's DotProductAttention asserts cp == 1: with cp > 1 the `local` backend takes CoreAttention's
+    unfused path (the same math), which gathers K/V."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from models.registry import resolve_arch
+    from models.spec import _core_attention
+
+    arch = resolve_arch("llama3", "tiny")
+    assert _core_attention(arch, 0, "local") is DotProductAttention
+    core = _core_attention(arch, 0, "local", cp=2)
+    assert core.func is CoreAttention and core.keywords["sdpa"] is False
