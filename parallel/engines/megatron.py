@@ -85,12 +85,8 @@ def _forward_step(data_iterator, model):
         loss, count = token_loss(losses, batch["loss_mask"])
         count = count.to(torch.int)
         report = {"lm loss": torch.stack([loss.detach().clone(), count.float()])}  # this rank's tokens
-        if cp == 1:
-            return (
-                loss,
-                count,
-                report | loss_pairs(losses, batch),
-            )  # + per source / position (train/metrics.py)
+        if cp == 1:  # + the loss per source and position bucket (train/metrics.py)
+            return loss, count, report | loss_pairs(losses, batch)
         from parallel import context
 
         # The per-position breakdown needs positions: this rank's tokens in place in the whole sequence, zeros
