@@ -72,6 +72,7 @@ FOUR = {
 CP_TWO = {
     "cp2": {"cp": 2},
     "cp2 + selective recompute": {"cp": 2, "recompute": "selective"},
+    "cp2 + full recompute": {"cp": 2, "recompute": "full"},
     "cp2, mqa + sliding window + soft-capping": {"cp": 2, "variant": "mqa_window_softcap"},
     "moe cp2": {"moe": True, "cp": 2},
     # Loss-mask holes: the CP ranks count different tokens, so the loss must be the CP group's token mean.
@@ -82,6 +83,7 @@ CP_FOUR = {
     "cp2 x tp2 + sp": {"cp": 2, "tp": 2, "sp": True},
     "cp2 x dp2 + distributed optimizer": {"cp": 2},
     "cp2 x pp2": {"cp": 2, "pp": 2},
+    "cp2 x pp2 + vpp2 (interleaved)": {"cp": 2, "pp": 2, "vpp": 2},
     "cp2 x dp2, uneven loss mask": {"cp": 2, "masked": True},
     "cp2 x tp2 + sp, uneven loss mask, gradients at every step": {
         "cp": 2,
