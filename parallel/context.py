@@ -4,8 +4,9 @@ of Models", sec. 3.3.2: each CP rank all-gathers the keys and values, then compu
 megatron-core's sequence layout (`megatron.core.utils.get_batch_on_this_cp_rank`): the sequence is cut into
 2 * cp chunks of c = seq / (2 cp) tokens and CP rank r holds chunks r and 2 cp - 1 - r, so that every rank has
 the same causal work (a short-prefix chunk and a long-prefix one). RoPE follows the same layout in megatron-core
-(`get_pos_emb_on_this_cp_rank`), so the model needs only (1) the batch cut this way on each rank
-(`slice_batch`), and (2) a core attention that sees the whole sequence's keys and values (`attention`):
+(`get_pos_emb_on_this_cp_rank`; MLA's decoupled RoPE as well), so the model needs only (1) the batch cut this way
+on each rank (`slice_batch`), and (2) a core attention that sees the whole sequence's keys and values
+(`attention`):
 
     K, V  (s/cp, b, groups, d) local  --all-gather over cp, chunks back in order-->  (s, b, groups, d)
     out[chunk k] = causal attention of the local queries of chunk k against K[:(k + 1) c], V[:(k + 1) c]

@@ -206,27 +206,10 @@ class ParallelLayout:
         return self.engine == "megatron" and self.zero_stage == 1
 
     # ------------------------------------------------------------------------------------ the model
-    def check_model(
-        self,
-        *,
-        heads: int,
-        kv_heads: int,
-        layers: int | None = None,
-        experts: int = 0,
-        mla: bool = False,
-    ) -> None:
+    def check_model(self, *, heads: int, kv_heads: int, layers: int | None = None, experts: int = 0) -> None:
         """Tensor parallelism splits heads and kv heads; pipeline stages (times virtual stages) split layers;
-        expert parallelism splits experts; context parallelism covers dense and MoE models with (grouped-query)
-        softmax attention, not MLA."""
+        expert parallelism splits experts."""
         world = self.world_size
-        if self.cp > 1 and mla:
-            raise ConfigError(
-                "parallel.cp",
-                self.cp,
-                "context parallelism is not supported for multi-head latent attention (MLA, DeepSeek-V2) in Kiln: "
-                "its core attention has no context-parallel path tested here; set cp=1 (split long sequences "
-                "with tp and sp=true instead), or use a GQA model",
-            )
         for count, what in ((kv_heads, "kv heads"), (heads, "attention heads")):
             if count % self.tp:
                 fits = [

@@ -399,7 +399,6 @@ def validate(cfg: TrainConfig) -> None:
         kv_heads=arch.num_kv_heads,
         layers=arch.num_layers,
         experts=arch.moe.num_experts if arch.moe is not None else 0,
-        mla=arch.mla is not None,
     )
     stages = cfg.recipe.stages
     if not stages:

@@ -37,6 +37,13 @@ VARIANTS = {
     # The core-attention features context parallelism has to carry through its chunked masks: MQA (one kv
     # head), a sliding window shorter than the sequence and attention-logit soft-capping (the unfused path).
     "mqa_window_softcap": {"num_kv_heads": 1, "sliding_window": 12, "attn_softcap": 5.0},
+    # Multi-head latent attention (DeepSeek-V2, dense MLP): megatron-core slices its decoupled RoPE for CP itself.
+    "mla": {
+        "family": "deepseek_v2",
+        "num_kv_heads": 4,
+        "moe": None,
+        "mla": {"kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16},
+    },
 }
 
 
@@ -48,10 +55,11 @@ def build(tp: int = 1, sp: bool = False, moe: bool = False, variant: str | None 
     from models.registry import resolve_arch
 
     overrides = dict(ARCH) | VARIANTS.get(variant or "", {})
+    family = overrides.pop("family", "mixtral" if moe else "llama3")
     if moe:
         experts = {"num_experts": EXPERTS, "top_k": 2, "ffn_hidden_size": ARCH["ffn_hidden_size"] // 2}
         overrides["moe"] = {**experts, "aux_loss_coeff": 0.0}
-    arch = resolve_arch("mixtral" if moe else "llama3", "tiny", **overrides)
+    arch = resolve_arch(family, "tiny", **overrides)
     return build_model(arch, vocab_size=VOCAB, max_seq_length=SEQ, tp=tp, sp=sp, **engine_kwargs)
 
 
@@ -107,10 +115,8 @@ def reference(path: str, *, moe: bool = False, variant: str | None = None, maske
         opt.step()
         losses.append(loss.item())
     final = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
-    record = {"init": init, "final": final, "losses": losses, "grad_norms": norms}
-    if masked:  # the weights before each step and that step's gradients (before clipping), for run_stepwise
-        record["steps"] = steps
-    torch.save(record, path)
+    # + the weights before each step and that step's gradients (before clipping), for run_stepwise
+    torch.save({"init": init, "final": final, "losses": losses, "grad_norms": norms, "steps": steps}, path)
 
 
 # --------------------------------------------------------------------------------- slicing full tensors
@@ -282,12 +288,15 @@ def run_stepwise(spec: dict, ref: dict) -> dict:
     from parallel.engines import OptimSettings, build_engine
     from parallel.layout import ParallelLayout
 
-    spec = {k: v for k, v in spec.items() if k not in ("stepwise", "masked")}
+    masked, variant = spec.get("masked", False), spec.get("variant")
+    spec = {k: v for k, v in spec.items() if k not in ("stepwise", "masked", "variant")}
     layout = ParallelLayout(nproc_per_node=dist.get_world_size(), micro_batch=MICRO, zero_stage=0, **spec)
     groups.init_model_parallel(layout, seed=1234, device=torch.device("cpu"))
     engine = build_engine(
         layout,
-        build_model=lambda **kw: load_full(build(tp=layout.tp, sp=layout.sp, **kw), ref["init"]),
+        build_model=lambda **kw: load_full(
+            build(tp=layout.tp, sp=layout.sp, variant=variant, **kw), ref["init"]
+        ),
         optim=OptimSettings(lr=LR, min_lr=LR, weight_decay=WD, betas=(0.9, 0.95), eps=1e-8, clip_grad=CLIP),
         device=torch.device("cpu"),
         dtype=torch.float32,
@@ -298,7 +307,7 @@ def run_stepwise(spec: dict, ref: dict) -> dict:
     for step, record in enumerate(ref["steps"]):
         for m in engine.modules:
             load_full(m, record["weights"])
-        b = global_batch(step, masked=True)
+        b = global_batch(step, masked=masked)
         mine = {k: v[dp_rank * per_rank : (dp_rank + 1) * per_rank] for k, v in b.items()}
         engine.zero_grad()
         engine.forward_backward(

@@ -88,25 +88,18 @@ def test_deepspeed_layouts_that_work():
 
 
 def test_context_parallel_layouts_and_refusals():
-    """CP runs on the megatron engine without TransformerEngine (parallel/context.py); deepspeed and MLA are
-    refused by name."""
+    """CP runs on the megatron engine without TransformerEngine (parallel/context.py); deepspeed is refused by
+    name."""
     assert ParallelLayout(nproc_per_node=2, cp=2).dp_size == 1
     assert ParallelLayout(nproc_per_node=4, cp=2).dp_size == 2
     assert ParallelLayout(nproc_per_node=8, cp=2, tp=2, sp=True).dp_size == 2
-    ParallelLayout(nproc_per_node=4, cp=2).check_model(heads=4, kv_heads=1, experts=4)  # GQA/MQA, MoE: fine
+    ParallelLayout(nproc_per_node=4, cp=2).check_model(heads=4, kv_heads=1, experts=4)  # MQA, MoE: fine
     with pytest.raises(ConfigError) as err:
         ParallelLayout(nproc_per_node=2, cp=2, engine="deepspeed")
     assert str(err.value).startswith(
         "parallel.cp=2: engine=deepspeed runs data and tensor parallel only in Kiln: context parallelism is "
         "megatron's (engine=megatron); set cp=1, or engine=megatron"
     )
-    with pytest.raises(ConfigError) as err:
-        ParallelLayout(nproc_per_node=2, cp=2).check_model(heads=16, kv_heads=16, mla=True)
-    assert str(err.value).startswith(
-        "parallel.cp=2: context parallelism is not supported for multi-head latent attention (MLA, DeepSeek-V2)"
-    )
-    assert "set cp=1" in str(err.value)
-    ParallelLayout(nproc_per_node=2).check_model(heads=16, kv_heads=16, mla=True)  # cp=1: MLA is fine
     # megatron's distributed optimizer shards over dp x cp (measured in tests/parallel/test_parity.py)
     cp2_dp2 = ParallelLayout(nproc_per_node=4, cp=2).model_state_bytes(10**6)
     assert cp2_dp2 == ParallelLayout(nproc_per_node=4).model_state_bytes(10**6)

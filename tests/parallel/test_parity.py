@@ -74,6 +74,7 @@ CP_TWO = {
     "cp2 + selective recompute": {"cp": 2, "recompute": "selective"},
     "cp2 + full recompute": {"cp": 2, "recompute": "full"},
     "cp2, mqa + sliding window + soft-capping": {"cp": 2, "variant": "mqa_window_softcap"},
+    "cp2, multi-head latent attention": {"cp": 2, "variant": "mla"},
     "moe cp2": {"moe": True, "cp": 2},
     # Loss-mask holes: the CP ranks count different tokens, so the loss must be the CP group's token mean.
     "cp2, uneven loss mask": {"cp": 2, "masked": True},
@@ -93,6 +94,14 @@ CP_FOUR = {
         "stepwise": True,
     },
     "cp2 x dp2, uneven loss mask, gradients at every step": {"cp": 2, "masked": True, "stepwise": True},
+    # MLA's final weights at TP2+SP are at the edge of 1e-5 without CP too (measured 1.2e-5): gradients instead.
+    "cp2 x tp2 + sp, multi-head latent attention, gradients at every step": {
+        "cp": 2,
+        "tp": 2,
+        "sp": True,
+        "variant": "mla",
+        "stepwise": True,
+    },
 }
 
 

@@ -270,14 +270,10 @@ def test_average_last_needs_that_many_checkpoints_in_the_stage():
     assert cfg.recipe.stages["anneal"].average_last == 3  # saves at steps 2, 4, 6 and the final 8
 
 
-def test_context_parallel_is_refused_for_mla_and_short_sequences():
-    """parallel.cp: the run's model and stages are checked (parallel/layout.py check_model, check_batch)."""
+def test_context_parallel_presets_and_sequence_lengths():
+    """parallel.cp: the run's stages are checked (parallel/layout.py check_batch); MLA models are fine too."""
     assert to_config(compose_cfg(["parallel=cp2"])).parallel.cp == 2
-    with pytest.raises(ConfigError) as err:
-        to_config(compose_cfg(["parallel=cp2", "model=deepseek_v2_tiny"]))
-    assert str(err.value).startswith(
-        "parallel.cp=2: context parallelism is not supported for multi-head latent attention (MLA, DeepSeek-V2)"
-    )
+    assert to_config(compose_cfg(["parallel=cp2", "model=deepseek_v2_tiny"])).parallel.cp == 2
     with pytest.raises(ConfigError, match=r"recipe.stages.base.seq_length=258: .* multiple of 2\*cp"):
         to_config(
             compose_cfg(
