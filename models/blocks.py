@@ -106,6 +106,7 @@ class CoreAttention(nn.Module):
                 cp=group.size(),
                 rank=group.rank(),
                 gather=lambda t: context.gather_sequence(t, group),
+                window=self.window,
             )
         return self._attend(query, key, value)
 

@@ -98,17 +98,21 @@ def attention(
     cp: int,
     rank: int,
     gather: Callable[[Tensor], Tensor],
+    window: int | None = None,
 ) -> Tensor:
     """Causal attention of this CP rank's queries (its two chunks, (2c, b, heads, dk)) against the whole
     sequence's keys and values. `attend(q, k, v)` is causal attention with the mask aligned bottom-right (queries
-    are the last sq of sk positions; models/blocks.py CoreAttention); `gather` takes the local (2c, b, groups, d)
-    keys or values to the whole (2 cp c, ...) sequence in order. -> (2c, b, heads * dv)."""
+    are the last sq of sk positions, masked by relative position, so keys may be cut from the front; models/
+    blocks.py CoreAttention); `gather` takes the local (2c, b, groups, d) keys or values to the whole
+    (2 cp c, ...) sequence in order; `window`: a sliding window of that many positions (keys further back than
+    the chunk's first query can see are not attended at all). -> (2c, b, heads * dv)."""
     key, value = gather(key), gather(value)  # (s, b, groups, d)
     c = query.shape[0] // 2
     out = []
     for i, k in enumerate(local_chunks(cp, rank)):
         end = (k + 1) * c  # chunk k's queries see keys 0 .. end - 1, the last c of them causally
-        out.append(attend(query[i * c : (i + 1) * c], key[:end], value[:end]))
+        start = max(0, k * c - window + 1) if window is not None else 0
+        out.append(attend(query[i * c : (i + 1) * c], key[start:end], value[start:end]))
     return torch.cat(out, dim=0)
 
 

@@ -99,7 +99,7 @@ def test_local_queries_against_gathered_kv_equal_full_attention(cp, case):
             parts = [context.slice_sequence(src, cp=cp, rank=r, dim=0) for r in range(cp)]
             return context.in_order(torch.cat(parts, dim=0), cp)
 
-        out = context.attention(core._attend, *mine, cp=cp, rank=rank, gather=gather)
+        out = context.attention(core._attend, *mine, cp=cp, rank=rank, gather=gather, window=core.window)
         ref = context.slice_sequence(full, cp=cp, rank=rank, dim=0)
         assert (out - ref).abs().max().item() < 1e-6, (case, cp, rank)
         total = total + out.pow(2).sum()

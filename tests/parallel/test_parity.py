@@ -74,6 +74,11 @@ CP_TWO = {
     "cp2 + selective recompute": {"cp": 2, "recompute": "selective"},
     "cp2 + full recompute": {"cp": 2, "recompute": "full"},
     "cp2, mqa + sliding window + soft-capping": {"cp": 2, "variant": "mqa_window_softcap"},
+    "cp2, mqa + sliding window + soft-capping, gradients at every step": {
+        "cp": 2,
+        "variant": "mqa_window_softcap",
+        "stepwise": True,
+    },
     "cp2, multi-head latent attention": {"cp": 2, "variant": "mla"},
     "moe cp2": {"moe": True, "cp": 2},
     # Loss-mask holes: the CP ranks count different tokens, so the loss must be the CP group's token mean.
