@@ -34,6 +34,7 @@ LAYOUTS = {
     "tp2 + sp + selective recompute": {"tp": 2, "sp": True, "recompute": "selective"},
     "pp2 (1F1B)": {"pp": 2},
     "pp2 + vpp2": {"pp": 2, "vpp": 2},
+    "cp2 (all-gather K/V)": {"cp": 2},
     "deepspeed zero-1": {"engine": "deepspeed", "zero_stage": 1},
     "deepspeed zero-2": {"engine": "deepspeed", "zero_stage": 2},
     "deepspeed zero-3": {"engine": "deepspeed", "zero_stage": 3},

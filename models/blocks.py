@@ -9,6 +9,8 @@
   (c tanh(x / c), Gemma 2) and separate key/value head dims (MLA), the kwargs megatron's attention passes; through
   `torch.nn.functional.scaled_dot_product_attention` (fused kernels: FlashAttention / cuDNN on GPU, the flash CPU
   kernel on CPU) unless `sdpa=False` or soft-capping is on (SDPA has no score modifier: the unfused path).
+  Under context parallelism (cp > 1) it attends this rank's queries to the all-gathered keys and values
+  (parallel/context.py).
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class CoreAttention(nn.Module):
         window: int | None = None,
         softcap: float | None = None,
         sdpa: bool = True,
+        pg_collection=None,
         **_,
     ):
         super().__init__()
@@ -86,10 +89,29 @@ class CoreAttention(nn.Module):
         self.scale = softmax_scale if softmax_scale is not None else dk**-0.5
         self.window, self.softcap = window, softcap
         self.sdpa = sdpa and softcap is None
+        self.cp_group = getattr(pg_collection, "cp", None)  # context parallel: parallel/context.py
 
     def forward(
         self, query: Tensor, key: Tensor, value: Tensor, attention_mask=None, *args, **kwargs
     ) -> Tensor:
+        group = self.cp_group
+        if group is not None and group.size() > 1:  # this rank's queries against the all-gathered K/V
+            from parallel import context
+
+            return context.attention(
+                self._attend,
+                query,
+                key,
+                value,
+                cp=group.size(),
+                rank=group.rank(),
+                gather=lambda t: context.gather_sequence(t, group),
+                window=self.window,
+            )
+        return self._attend(query, key, value)
+
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        """Causal attention, the queries being the last sq of the sk key positions."""
         if self.sdpa:
             return self._sdpa(query, key, value)
         sq, b, heads, _ = query.shape

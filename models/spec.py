@@ -175,16 +175,17 @@ def transformer_config(
     )
 
 
-def _core_attention(arch: Arch, layer: int, backend: str):
+def _core_attention(arch: Arch, layer: int, backend: str, cp: int = 1):
     """megatron's SelfAttention calls its core_attention directly (a class or partial); MLASelfAttention goes
-    through build_module (a class or ModuleSpec)."""
+    through build_module (a class or ModuleSpec). Context parallelism (cp > 1) without TE: CoreAttention's
+    all-gather K/V path (parallel/context.py); megatron's DotProductAttention asserts cp == 1."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     # megatron-core's attention covers the layer: no soft-capping, and a window (if any) on every layer (the
     # config carries it); MLA's distinct key/value head dims only in TE's.
     covered = arch.attn_softcap is None and (arch.sliding_window is None or arch.window_every == 1)
-    if backend == "local" and covered and arch.mla is None:
+    if backend == "local" and covered and arch.mla is None and cp == 1:
         return DotProductAttention
     if backend == "te" and covered:
         from megatron.core.extensions.transformer_engine import TEDotProductAttention
@@ -212,7 +213,7 @@ def _mlp_spec(arch: Arch, layer: int):
     return ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=fc2))
 
 
-def _attention_spec(arch: Arch, layer: int, backend: str):
+def _attention_spec(arch: Arch, layer: int, backend: str, cp: int = 1):
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
     from megatron.core.transformer.enums import AttnMaskType
@@ -221,7 +222,7 @@ def _attention_spec(arch: Arch, layer: int, backend: str):
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     proj = PostNormRowParallelLinear if arch.sandwich_norm else RowParallelLinear
-    core = _core_attention(arch, layer, backend)
+    core = _core_attention(arch, layer, backend, cp)
     if arch.mla is not None:
         return ModuleSpec(
             module=MLASelfAttention,
@@ -251,7 +252,7 @@ def _attention_spec(arch: Arch, layer: int, backend: str):
     )
 
 
-def layer_spec(arch: Arch, layer: int, *, backend: str = "sdpa"):
+def layer_spec(arch: Arch, layer: int, *, backend: str = "sdpa", cp: int = 1):
     """The megatron-core TransformerLayer spec of 0-based `layer`: pre-norm attention and MLP with residuals."""
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.transformer.spec_utils import ModuleSpec
@@ -261,7 +262,7 @@ def layer_spec(arch: Arch, layer: int, *, backend: str = "sdpa"):
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=RMSNorm,
-            self_attention=_attention_spec(arch, layer, backend),
+            self_attention=_attention_spec(arch, layer, backend, cp),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=RMSNorm,
             mlp=_mlp_spec(arch, layer),
@@ -282,6 +283,9 @@ def block_spec(arch: Arch, config, *, vp_stage: int | None = None, backend: str 
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(
-        layer_specs=[layer_spec(arch, i, backend=backend) for i in range(offset, offset + count)],
+        layer_specs=[
+            layer_spec(arch, i, backend=backend, cp=config.context_parallel_size)
+            for i in range(offset, offset + count)
+        ],
         layer_norm=RMSNorm,
     )

@@ -71,12 +71,15 @@ _FACTORIES = (
 
 def _cuda_factories() -> None:
     # ~65 places hardcode device="cuda" (schedules.py token counts, causal masks, optimizer buffers):
-    # remap it to cpu in torch's factories, and make .cuda()/.to("cuda") stay on the CPU.
+    # remap it to cpu in torch's factories, and make .cuda()/.to("cuda") stay on the CPU. pin_memory=True
+    # (context parallelism's RoPE slice, rope_utils.get_pos_emb_on_this_cp_rank) needs an accelerator: drop it.
     def wrap(f):
         @functools.wraps(f)
         def factory(*args, **kwargs):
             if "device" in kwargs:
                 kwargs["device"] = _as_cpu(kwargs["device"])
+            if kwargs.get("pin_memory"):
+                kwargs["pin_memory"] = False
             return f(*args, **kwargs)
 
         return factory
@@ -230,6 +233,13 @@ def apply() -> list[str]:
     return list(_applied)
 
 
+def _pins_nothing() -> bool:
+    try:
+        return torch.tensor([1], device="cpu", pin_memory=True).device.type == "cpu"
+    except RuntimeError:  # "pin_memory=True requires a CUDA or other accelerator backend"
+        return False
+
+
 def check() -> dict[str, bool]:
     """Whether each shim is in effect (after apply()), by probing the behaviour it fixes."""
     import megatron.core.optimizer.clip_grads as CG
@@ -241,7 +251,7 @@ def check() -> dict[str, bool]:
     return {
         "rng": R._get_cuda_rng_state().equal(torch.get_rng_state()),
         "current_device": torch.cuda.current_device() == "cpu",
-        "cuda_factories": torch.zeros(1, device="cuda").device.type == "cpu",
+        "cuda_factories": torch.zeros(1, device="cuda").device.type == "cpu" and _pins_nothing(),
         "cuda_streams": torch.cuda.synchronize() is None and torch.cuda.current_stream().query(),
         "type_strings": "torch.cuda.FloatTensor" not in inspect.getsource(CG.clip_grad_by_total_norm_fp32)
         if not hasattr(CG.clip_grad_by_total_norm_fp32, "__code__")

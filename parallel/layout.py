@@ -13,7 +13,6 @@ Mesh (megatron-core's order, `parallel_state.initialize_model_parallel`):
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 
 from train.errors import ConfigError
@@ -33,10 +32,6 @@ def _nearest(name: str, value: int, candidates: list[int]) -> str:
     above = [c for c in candidates if c > value]
     picks = ([max(below)] if below else []) + ([min(above)] if above else [])
     return " or ".join(f"{name}={p}" for p in picks or candidates[:1])
-
-
-def have_transformer_engine() -> bool:
-    return importlib.util.find_spec("transformer_engine") is not None
 
 
 @dataclass
@@ -61,7 +56,8 @@ class ParallelLayout:
     etp: int = 1
     """Expert tensor-parallel axis size (splits each expert's MLP)."""
     cp: int = 1
-    """Context-parallel axis size (splits the sequence in attention; needs TransformerEngine)."""
+    """Context-parallel axis size: each rank holds 2 of 2*cp chunks of every sequence; attention all-gathers the
+    keys and values over the axis (parallel/context.py; TransformerEngine's own CP with attention_backend=te)."""
     dp: int = -1
     """Data-parallel axis size; -1 infers it as world_size / (tp * cp * pp)."""
     zero_stage: int = 1
@@ -157,14 +153,6 @@ class ParallelLayout:
                     "parallel.offload",
                     self.offload,
                     "CPU offload is a deepspeed feature in Kiln; set offload=none or engine=deepspeed",
-                )
-            if self.cp > 1 and not have_transformer_engine():
-                raise ConfigError(
-                    "parallel.cp",
-                    self.cp,
-                    "context parallelism in megatron-core needs TransformerEngine's attention "
-                    "(the local layer spec has none), and transformer_engine is not installed "
-                    "(it needs CUDA); set cp=1, or run on a GPU machine with transformer-engine installed",
                 )
             return
         # deepspeed: ZeRO over the data-parallel axis, megatron-core's tensor-parallel groups handed in as `mpu`.
@@ -303,7 +291,10 @@ class ParallelLayout:
         if seq_length is not None:
             split = (self.tp if self.sp else 1) * 2 * self.cp if self.cp > 1 else (self.tp if self.sp else 1)
             if seq_length % split:
-                what = "tp (sequence parallel)" if self.cp == 1 else "tp*2*cp (sequence and context parallel)"
+                if self.cp == 1:
+                    what = "tp (sequence parallel)"
+                else:  # megatron-core's CP layout: 2*cp chunks per sequence (parallel/context.py)
+                    what = "tp*2*cp (sequence and context parallel)" if self.sp else "2*cp (context parallel)"
                 raise ConfigError(
                     seq_key or key.rsplit(".", 1)[0] + ".seq_length",
                     seq_length,
@@ -319,7 +310,9 @@ class ParallelLayout:
         pipeline parallelism splits the layers pp ways, while the first stage also holds the input embedding and
         the last the output layer (`embedding_params` each: vocab x hidden). ZeRO stage 1 shards the optimizer
         state over dp, stage 2 also the gradients, stage 3 also the parameters (Rajbhandari et al. 2020, "ZeRO",
-        sec. 5.1 and Fig. 1), with the planner's bytes per parameter (parallel/plan/memory.py `state_bytes`)."""
+        sec. 5.1 and Fig. 1), with the planner's bytes per parameter (parallel/plan/memory.py `state_bytes`).
+        megatron-core's distributed optimizer shards over dp x cp (its data-parallel group with context
+        parallel ranks: every CP rank holds the whole model)."""
         from parallel.plan.memory import state_bytes
 
         if self.pp > 1:
@@ -328,7 +321,7 @@ class ParallelLayout:
             psi = params / self.tp
         weights, grads, optimizer = state_bytes(
             psi,
-            dp=self.dp_size,
+            dp=self.dp_size * (self.cp if self.engine == "megatron" else 1),
             engine=self.engine,
             zero=self.zero_stage,
             precision="bf16" if mixed_precision else "fp32",

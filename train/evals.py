@@ -191,17 +191,19 @@ def stage_passkey(engine, stage, *, layout, tokenizer_path: str, vocab_size: int
         log.info("passkey probe skipped: it runs the bare model, so needs engine=megatron and pp=1")
         return {}
     from data.tokenizer import load_tokenizer
+    from parallel import context
 
     tokenizer = load_tokenizer(tokenizer_path)
-    return passkey_probe(
-        engine.modules[0],
-        tokenizer.tokenize,
-        contexts=list(stage.passkey_contexts),
-        depths=list(stage.passkey_depths),
-        trials=stage.passkey_trials,
-        vocab_size=vocab_size,
-        device=device,
-    )
+    with context.whole_sequences(engine.modules[0]):  # under CP too: whole sequences on every rank
+        return passkey_probe(
+            engine.modules[0],
+            tokenizer.tokenize,
+            contexts=list(stage.passkey_contexts),
+            depths=list(stage.passkey_depths),
+            trials=stage.passkey_trials,
+            vocab_size=vocab_size,
+            device=device,
+        )
 
 
 def unscaled_baseline(modules, evaluate, *, stages: dict, name: str, model) -> dict:

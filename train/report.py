@@ -11,6 +11,7 @@ import sys
 import torch
 
 from models.gpt import build_model
+from parallel import context
 from train import checkpoint
 from train.config import TrainConfig
 
@@ -36,6 +37,11 @@ def greedy_sample(cfg: TrainConfig, last, *, run, tokenizer) -> str:
     model.eval()
     ids = tokenizer.tokenize(cfg.sample_prompt)
     prompt_len = len(ids)
+    with context.whole_sequences(model):  # under CP too: the whole prompt on every rank
+        return _greedy(model, ids, prompt_len, cfg=cfg, stage=stage, run=run, tokenizer=tokenizer)
+
+
+def _greedy(model, ids: list[int], prompt_len: int, *, cfg, stage, run, tokenizer) -> str:
     for _ in range(cfg.sample_tokens):
         tokens = torch.tensor([ids[-stage.seq_length :]], device=run.device)
         positions = torch.arange(tokens.shape[1], device=run.device).unsqueeze(0)

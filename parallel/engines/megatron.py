@@ -72,15 +72,32 @@ def _forward_step(data_iterator, model):
     """megatron-core forward step: per-token losses summed over the loss mask; the schedule divides by the
     token count (and the number of micro-batches), and the reported [sum, count] pair gives an exact token
     mean. On a pipeline stage other than the first the tokens are ignored (the input is the previous stage's
-    activations); the loss function runs on the last stage only."""
+    activations); the loss function runs on the last stage only. Under context parallelism each rank holds
+    part of every sequence (parallel/context.py): as in Megatron-LM's pretrain_gpt `loss_func`, the token count
+    is summed over the CP group and the loss multiplied by cp, since DDP averages gradients over dp x cp."""
+    from megatron.core import parallel_state as ps
+
     batch = next(data_iterator)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])  # (batch, seq)
+    cp = ps.get_context_parallel_world_size()
 
     def loss_func(losses: torch.Tensor):
         loss, count = token_loss(losses, batch["loss_mask"])
         count = count.to(torch.int)
-        report = {"lm loss": torch.stack([loss.detach().clone(), count.float()])}
-        return loss, count, report | loss_pairs(losses, batch)  # + per source / position (train/metrics.py)
+        report = {"lm loss": torch.stack([loss.detach().clone(), count.float()])}  # this rank's tokens
+        if cp == 1:  # + the loss per source and position bucket (train/metrics.py)
+            return loss, count, report | loss_pairs(losses, batch)
+        from parallel import context
+
+        # The per-position breakdown needs positions: this rank's tokens in place in the whole sequence, zeros
+        # elsewhere (summed over the CP group by reduce_breakdown).
+        rank = ps.get_context_parallel_rank()
+        whole = {k: v for k, v in batch.items() if k == "source"}
+        whole["loss_mask"] = context.unslice_sequence(batch["loss_mask"], cp=cp, rank=rank)
+        pairs = loss_pairs(context.unslice_sequence(losses, cp=cp, rank=rank), whole)
+        total = count.clone()
+        dist.all_reduce(total, group=ps.get_context_parallel_group())
+        return loss * cp, total, report | pairs
 
     return output, loss_func
 
@@ -144,6 +161,14 @@ class MegatronEngine:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         micro = [{k: v.to(self.device, non_blocking=True) for k, v in mb.items()} for mb in micro]
+        if self.layout.cp > 1:  # this rank's 2 of 2*cp chunks of every sequence (parallel/context.py)
+            from data.blend import SEQUENCE_KEYS
+            from parallel import context
+
+            rank = ps.get_context_parallel_rank()
+            micro = [
+                context.slice_batch(mb, cp=self.layout.cp, rank=rank, keys=SEQUENCE_KEYS) for mb in micro
+            ]
         # Every chunk reads the micro-batches in order (the interleaved schedule takes one iterator per chunk).
         data = [iter(micro) for _ in self.ddp] if len(self.ddp) > 1 else iter(micro)
         losses = get_forward_backward_func()(
@@ -157,8 +182,9 @@ class MegatronEngine:
             ],  # a sequence-length ramp cuts samples into more rows
             forward_only=forward_only,
         )
-        if self.layout.pp == 1 and self.layout.cp == 1:  # else rank 0 holds no losses / whole sequences
-            self.loss_breakdown = reduce_breakdown(losses, group=ps.get_data_parallel_group())
+        if self.layout.pp == 1:  # else rank 0 holds no losses
+            group = ps.get_data_parallel_group(with_context_parallel=True)
+            self.loss_breakdown = reduce_breakdown(losses, group=group)
         return self._global_mean([entry["lm loss"] for entry in losses])
 
     def _global_mean(self, pairs: list[torch.Tensor]) -> float:

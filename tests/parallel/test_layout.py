@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from parallel import layout as layout_mod
 from parallel.layout import ParallelLayout
 from train.errors import ConfigError
 
@@ -88,12 +87,22 @@ def test_deepspeed_layouts_that_work():
     assert ParallelLayout(nproc_per_node=4, engine="deepspeed", zero_stage=3, tp=2).dp_size == 2
 
 
-def test_context_parallel_needs_transformer_engine(monkeypatch):
-    monkeypatch.setattr(layout_mod, "have_transformer_engine", lambda: False)
-    with pytest.raises(ConfigError, match=r"parallel.cp=2: context parallelism .* needs TransformerEngine"):
-        ParallelLayout(nproc_per_node=2, cp=2)
-    monkeypatch.setattr(layout_mod, "have_transformer_engine", lambda: True)
+def test_context_parallel_layouts_and_refusals():
+    """CP runs on the megatron engine without TransformerEngine (parallel/context.py); deepspeed is refused by
+    name."""
+    assert ParallelLayout(nproc_per_node=2, cp=2).dp_size == 1
     assert ParallelLayout(nproc_per_node=4, cp=2).dp_size == 2
+    assert ParallelLayout(nproc_per_node=8, cp=2, tp=2, sp=True).dp_size == 2
+    ParallelLayout(nproc_per_node=4, cp=2).check_model(heads=4, kv_heads=1, experts=4)  # MQA, MoE: fine
+    with pytest.raises(ConfigError) as err:
+        ParallelLayout(nproc_per_node=2, cp=2, engine="deepspeed")
+    assert str(err.value).startswith(
+        "parallel.cp=2: engine=deepspeed runs data and tensor parallel only in Kiln: context parallelism is "
+        "megatron's (engine=megatron); set cp=1, or engine=megatron"
+    )
+    # megatron's distributed optimizer shards over dp x cp (measured in tests/parallel/test_parity.py)
+    cp2_dp2 = ParallelLayout(nproc_per_node=4, cp=2).model_state_bytes(10**6)
+    assert cp2_dp2 == ParallelLayout(nproc_per_node=4).model_state_bytes(10**6)
 
 
 def test_tensor_parallel_must_divide_heads_and_kv_heads():
@@ -155,7 +164,7 @@ def test_interleaved_pipeline_needs_micro_batches_in_multiples_of_pp():
         layout.check_batch(key="k", sequences=3)
 
 
-def test_sequence_and_context_parallel_split_the_sequence(monkeypatch):
+def test_sequence_and_context_parallel_split_the_sequence():
     sp = ParallelLayout(nproc_per_node=4, tp=4, sp=True, micro_batch=1)
     sp.check_batch(key="stages.base.batch_tokens", sequences=4, seq_length=256)
     with pytest.raises(ConfigError) as err:
@@ -164,10 +173,19 @@ def test_sequence_and_context_parallel_split_the_sequence(monkeypatch):
         "stages.base.seq_length=258: the sequence length must be a multiple of tp (sequence parallel) = 4; "
         "try 256"
     )
-    monkeypatch.setattr(layout_mod, "have_transformer_engine", lambda: True)
     cp = ParallelLayout(nproc_per_node=4, tp=2, sp=True, cp=2, micro_batch=1)
-    with pytest.raises(ConfigError, match=r"multiple of tp\*2\*cp .* = 8; try 96"):
+    cp.check_batch(key="k.batch", sequences=1, seq_length=96)
+    with pytest.raises(
+        ConfigError, match=r"multiple of tp\*2\*cp \(sequence and context parallel\) = 8; try 96"
+    ):
         cp.check_batch(key="k.batch", sequences=1, seq_length=100)
+    cp = ParallelLayout(nproc_per_node=2, cp=2, micro_batch=1)
+    cp.check_batch(key="k.batch", sequences=1, seq_length=100)
+    with pytest.raises(ConfigError) as err:
+        cp.check_batch(key="k.batch", sequences=1, seq_length=102)
+    assert str(err.value) == (
+        "k.seq_length=102: the sequence length must be a multiple of 2*cp (context parallel) = 4; try 100"
+    )
 
 
 def test_model_state_bytes_follow_zero_stages():

@@ -268,3 +268,15 @@ def test_average_last_needs_that_many_checkpoints_in_the_stage():
         compose_cfg(["recipe.stages.anneal.average_last=3", "recipe.stages.anneal.save_every_tokens=16384"])
     )
     assert cfg.recipe.stages["anneal"].average_last == 3  # saves at steps 2, 4, 6 and the final 8
+
+
+def test_context_parallel_presets_and_sequence_lengths():
+    """parallel.cp: the run's stages are checked (parallel/layout.py check_batch); MLA models are fine too."""
+    assert to_config(compose_cfg(["parallel=cp2"])).parallel.cp == 2
+    assert to_config(compose_cfg(["parallel=cp2", "model=deepseek_v2_tiny"])).parallel.cp == 2
+    with pytest.raises(ConfigError, match=r"recipe.stages.base.seq_length=258: .* multiple of 2\*cp"):
+        to_config(
+            compose_cfg(
+                ["parallel=cp2", "recipe.stages.base.seq_length=258", "recipe.stages.base.batch_tokens=8256"]
+            )
+        )

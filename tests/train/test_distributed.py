@@ -96,6 +96,31 @@ def test_dp2_equals_dp1_on_the_same_global_batch(dp2_run, tmp_path, data_cache):
     assert dp1[BASE_STEPS] < dp1[1] - 0.5
 
 
+def test_cp2_equals_dp2_losses_evals_and_passkey(dp2_run, tmp_path, data_cache):
+    """Context parallel over the 2 processes (parallel/context.py): each holds half of every sequence. The same
+    losses per step as data parallel (which equals one process), and the same held-out losses per source and
+    position bucket and passkey numbers at the end of the stage (those run whole sequences on every rank)."""
+    run_dir = tmp_path / "cp2"
+    run_train(
+        overrides(run_dir, data_cache, "parallel.cp=2", "parallel.micro_batch=1", "only_stage=base"), cwd=ROOT
+    )
+    records, reference = read_metrics(run_dir), read_metrics(dp2_run[0])
+    cp2, dp2 = train_losses(records, "base"), train_losses(reference, "base")
+    assert sorted(cp2) == sorted(dp2) == list(range(1, BASE_STEPS + 1))
+    for step in cp2:  # measured <= 8.4e-8 relative against one process
+        assert cp2[step] == pytest.approx(dp2[step], rel=2e-6, abs=2e-6), step
+
+    def end_of_base(recs):
+        last = [r for r in recs if r["stage"] == "base" and r["step"] == BASE_STEPS and "valid/code" in r][-1]
+        return {k: v for k, v in last.items() if k.startswith(("valid", "passkey/"))}
+
+    got, want = end_of_base(records), end_of_base(reference)
+    assert sorted(got) == sorted(want) and any(k.startswith("passkey/") for k in got)
+    assert any(k.startswith("valid_by_position/") for k in got)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=2e-6, abs=2e-6), key
+
+
 def test_rerun_skips_completed_stages(dp2_run, data_cache):
     run_dir, _ = dp2_run
     before = len(read_metrics(run_dir))
