@@ -2,9 +2,11 @@
 checkpoint.save with the loop state and the config record), for tests/train/test_export.py. Imported by the
 in-process tests; run under torchrun for the multi-process ones:
 
-    torchrun --nproc_per_node=2 tests/train/export_worker.py <out dir> <tokenizer.model> <override>...
+    torchrun --nproc_per_node=2 tests/train/export_worker.py <tokenizer.model> <cases.json>
 
-which saves the checkpoint under <out dir>/runs/... and, on rank 0, the full weights as <out dir>/reference.pt.
+where cases.json maps each case's out dir to its overrides; for each case, one after another in the same
+processes (a launch per case would spend most of its time starting up), it saves the checkpoint under
+<out dir>/runs/... and, on rank 0, the full weights as <out dir>/reference.pt.
 """
 
 from __future__ import annotations
@@ -137,20 +139,18 @@ def save_like_loop(cfg, *, vocab_size: int, seed: int | None = 0):
     return engine, path
 
 
-def main() -> None:
+def save_case(out: str, tokenizer_model: str, overrides: list[str], *, vocab: int) -> None:
+    """One case: this layout's process groups, its checkpoint and the full weights it holds; then the groups
+    are taken down again for the next case (the gloo world stays)."""
     import torch.distributed as dist
+    from megatron.core import parallel_state
 
     from models.shard import full_state_dict
     from parallel import engine as groups
 
-    out, tokenizer_model, *overrides = sys.argv[1:]
     os.chdir(out)
-    import sentencepiece as spm
-
-    vocab = spm.SentencePieceProcessor(model_file=tokenizer_model).get_piece_size()
     cfg = compose(overrides, vocab_size=vocab)
     device = torch.device("cpu")
-    groups.init_distributed(device)
     groups.init_model_parallel(cfg.parallel, seed=cfg.seed, device=device)
     if dist.get_rank() == 0:
         fake_prepared_data(cfg, tokenizer_model)
@@ -166,6 +166,22 @@ def main() -> None:
     if dist.get_rank() == 0:
         torch.save(reference, os.path.join(out, "reference.pt"))
     dist.barrier()
+    del engine, model
+    parallel_state.destroy_model_parallel()
+
+
+def main() -> None:
+    import sentencepiece as spm
+
+    from parallel import engine as groups
+
+    tokenizer_model, cases = sys.argv[1], sys.argv[2]
+    with open(cases) as f:
+        cases = json.load(f)
+    vocab = spm.SentencePieceProcessor(model_file=tokenizer_model).get_piece_size()
+    groups.init_distributed(torch.device("cpu"))
+    for out, overrides in cases.items():
+        save_case(out, tokenizer_model, overrides, vocab=vocab)
     groups.destroy()
 
 

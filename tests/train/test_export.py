@@ -286,7 +286,35 @@ def test_failed_export_leaves_nothing_behind(tmp_path, tokenizer_model, megatron
 
 
 # ------------------------------------------------------------------------------------------ multi-process
-def _torchrun(tmp_path, tokenizer_model, overrides: list[str]) -> None:
+MULTI = {  # case -> the layout its 2 processes save at (megatron-core)
+    "tp2": ["model=llama_tiny", "parallel.nproc_per_node=2", "parallel.tp=2"],
+    "ep2": ["model=mixtral_tiny", "parallel.nproc_per_node=2", "parallel.ep=2"],
+}
+DEEPSPEED = {  # case -> the DeepSpeed layout its 2 processes save at
+    "zero3_dp2": ["model=qwen2_tiny", "parallel=deepspeed_zero3"],  # DP=2: every parameter partitioned
+    "zero1_tp2": [
+        "model=gemma2_tiny",
+        "parallel=deepspeed_zero1",
+        "parallel.tp=2",
+    ],  # one ZeRO group per TP rank
+    "zero0_dp2": [
+        "model=llama_tiny",
+        "parallel=deepspeed_zero1",
+        "parallel.zero_stage=0",
+    ],  # the module itself
+}
+
+
+@pytest.fixture(scope="module")
+def saved_by_two(tmp_path_factory, tokenizer_model) -> dict[str, Path]:
+    """Every case's checkpoint, saved by one torchrun launch of 2 processes (export_worker.py, case after
+    case): {case: the directory holding its runs/ and reference.pt}."""
+    root = tmp_path_factory.mktemp("saved_by_two")
+    dirs = {case: root / case for case in {**MULTI, **DEEPSPEED}}
+    for d in dirs.values():
+        d.mkdir()
+    cases = root / "cases.json"
+    cases.write_text(json.dumps({str(dirs[case]): o for case, o in {**MULTI, **DEEPSPEED}.items()}))
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [
@@ -296,9 +324,8 @@ def _torchrun(tmp_path, tokenizer_model, overrides: list[str]) -> None:
             "--standalone",
             "--nproc_per_node=2",
             str(ROOT / "tests" / "train" / "export_worker.py"),
-            str(tmp_path),
             tokenizer_model,
-            *overrides,
+            str(cases),
         ],
         capture_output=True,
         text=True,
@@ -306,19 +333,13 @@ def _torchrun(tmp_path, tokenizer_model, overrides: list[str]) -> None:
         timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return dirs
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        ["model=llama_tiny", "parallel.nproc_per_node=2", "parallel.tp=2"],
-        ["model=mixtral_tiny", "parallel.nproc_per_node=2", "parallel.ep=2"],
-    ],
-    ids=["tp2", "ep2"],
-)
+@pytest.mark.parametrize("case", list(MULTI))
 def test_multiprocess_checkpoint_exports_the_weights_the_ranks_held(
-    tmp_path, tokenizer_model, megatron_world1, monkeypatch, overrides
+    tmp_path, tokenizer_model, megatron_world1, monkeypatch, case, saved_by_two
 ):
     """Weights drawn as full tensors and sharded per rank (TP=2: split tensors and vocabulary padded to 768
     rows; EP=2: 4 experts per rank), saved by 2 processes: the export holds them exactly. At TP=2 also: the
@@ -326,9 +347,7 @@ def test_multiprocess_checkpoint_exports_the_weights_the_ranks_held(
     from models.hf import to_hf_state
     from train.export import read_source
 
-    multi = tmp_path / "multi"
-    multi.mkdir()
-    _torchrun(multi, tokenizer_model, overrides)
+    multi = saved_by_two[case]
     monkeypatch.chdir(multi)
     two = read_hf(export("runs/kiln/default/checkpoints/base", tmp_path / "hf2"))
     reference = torch.load(multi / "reference.pt")
@@ -337,10 +356,10 @@ def test_multiprocess_checkpoint_exports_the_weights_the_ranks_held(
     assert two.keys() == expected.keys()
     for key, value in expected.items():
         assert torch.equal(two[key], value), key
-    if "parallel.tp=2" in overrides:
+    if "parallel.tp=2" in MULTI[case]:
         assert reference["embedding.word_embeddings.weight"].shape[0] == 768
         monkeypatch.chdir(tmp_path)
-        _run(tokenizer_model, [overrides[0], "parallel=single", "run_dir=tp1/run"])
+        _run(tokenizer_model, [MULTI[case][0], "parallel=single", "run_dir=tp1/run"])
         one = read_hf(export("tp1/run/checkpoints/base", tmp_path / "hf1"))
         assert one.keys() == two.keys()
         for key in one:
@@ -354,29 +373,16 @@ def read_hf(folder):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        ["model=qwen2_tiny", "parallel=deepspeed_zero3"],  # DP=2: every parameter partitioned over 2 ranks
-        [
-            "model=gemma2_tiny",
-            "parallel=deepspeed_zero1",
-            "parallel.tp=2",
-        ],  # TP=2: one ZeRO group per TP rank
-        ["model=llama_tiny", "parallel=deepspeed_zero1", "parallel.zero_stage=0"],  # the module itself
-    ],
-    ids=["zero3_dp2", "zero1_tp2", "zero0_dp2"],
-)
+@pytest.mark.parametrize("case", list(DEEPSPEED))
 def test_deepspeed_checkpoint_is_consolidated(
-    tmp_path, tokenizer_model, megatron_world1, monkeypatch, overrides
+    tmp_path, tokenizer_model, megatron_world1, monkeypatch, case, saved_by_two
 ):
     """The export of a DeepSpeed checkpoint saved by 2 processes (ZeRO shards through zero_to_fp32, one TP rank
     at a time, then TP shards joined, in one process) holds the weights the ranks gathered, to the bit."""
-    _torchrun(tmp_path, tokenizer_model, overrides)
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(saved_by_two[case])
     out = export("runs/kiln/default/checkpoints/base", tmp_path / "pt", fmt="torch")
     _, _, state = read_torch(out)
-    reference = torch.load(tmp_path / "reference.pt")
+    reference = torch.load(saved_by_two[case] / "reference.pt")
     assert state.keys() == reference.keys()
     for key, value in reference.items():
         assert torch.equal(state[key], value), key

@@ -249,7 +249,6 @@ RAMPED = [
     "recipe.stages.base.batch_tokens=4096",
     "recipe.stages.base.warmup_tokens=2048",
     "recipe.stages.base.eval_every_tokens=0",
-    "recipe.stages.base.save_every_tokens=2048",
     "+recipe.stages.base.batch_ramp=[[4096,1024],[10240,2048]]",
     "+recipe.stages.base.seq_ramp=[[4096,128]]",
 ]
@@ -336,7 +335,11 @@ def test_a_ramped_run_equals_one_process_and_runs_as_a_pipeline(dp2_ramped, tmp_
 def test_a_ramped_run_killed_mid_ramp_resumes_exactly(dp2_ramped, tmp_path, data_cache):
     # Rank 1 dies in step 6 (batch 2048, sequences of 256); step 5 was saved (6144 tokens crosses 6144).
     proc, records = _ramped_run(
-        tmp_path / "run", data_cache, "parallel.max_restarts=1", env={"KILN_FAULT": "step:1:6"}
+        tmp_path / "run",
+        data_cache,
+        "recipe.stages.base.save_every_tokens=2048",  # only this run saves mid-stage: it resumes from one
+        "parallel.max_restarts=1",
+        env={"KILN_FAULT": "step:1:6"},
     )
     assert "resumed base at step 5 (6144 tokens)" in proc.stderr
     losses = [r["loss"] for _, r in sorted(_last_per_step(records).items())]
