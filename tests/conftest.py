@@ -12,6 +12,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
+def torchrun(script, *args, nproc: int = 2, timeout: int = 1200) -> subprocess.CompletedProcess:
+    """Run `script` with `args` under torchrun on `nproc` local gloo processes (one thread each, no rank
+    variables inherited from the test process) and assert it succeeded."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += [str(script), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
 # A small but real run: the stdlib/package-docs corpus capped, a 2-layer model, short stages.
 SMALL = [
     "data.sources.code.max_bytes=600000",

@@ -5,13 +5,10 @@ F.cross_entropy on the whole logits (tests/models/dist_fusions.py)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import torchrun
 
 pytestmark = pytest.mark.slow
 EXACT = 1e-6
@@ -20,18 +17,7 @@ EXACT = 1e-6
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("fusions_tp") / "results.json"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "tests/models/dist_fusions.py",
-        str(out),
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    torchrun("tests/models/dist_fusions.py", out)
     return json.loads(out.read_text())
 
 

@@ -4,13 +4,10 @@ gradient, for every family (tests/models/dist_parity.py)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import torchrun
 
 pytestmark = pytest.mark.slow
 TOL = 1e-4
@@ -19,18 +16,7 @@ TOL = 1e-4
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("parity") / "results.json"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "tests/models/dist_parity.py",
-        str(out),
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    torchrun("tests/models/dist_parity.py", out)
     return json.loads(out.read_text())
 
 

@@ -15,15 +15,12 @@ a property any of these layouts has. So also: no tensor may have more than 5% of
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from parallel.layout import ParallelLayout
-from tests.conftest import ROOT
+from tests.conftest import torchrun
 from tests.parallel import parity_worker as W
 
 pytestmark = pytest.mark.slow
@@ -122,13 +119,7 @@ def reference(tmp_path_factory, megatron_world1) -> str:
 
 
 def launch(nproc: int, layouts: dict, reference: str, out: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd += [W.__file__, reference, out, json.dumps(layouts)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    torchrun(W.__file__, reference, out, json.dumps(layouts), nproc=nproc, timeout=900)
     with open(out) as f:
         return json.load(f)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import torchrun
 from tests.train import export_worker as worker
 from train import checkpoint
 from train.export import export, main, read_torch
@@ -315,24 +316,7 @@ def saved_by_two(tmp_path_factory, tokenizer_model) -> dict[str, Path]:
         d.mkdir()
     cases = root / "cases.json"
     cases.write_text(json.dumps({str(dirs[case]): o for case, o in {**MULTI, **DEEPSPEED}.items()}))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(ROOT / "tests" / "train" / "export_worker.py"),
-            tokenizer_model,
-            str(cases),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    torchrun(ROOT / "tests" / "train" / "export_worker.py", tokenizer_model, cases, timeout=900)
     return dirs
 
 
