@@ -14,9 +14,7 @@ import torch.nn.functional as F
 
 from models.fusions import Fusions, fused_cross_entropy
 from models.gpt import build_model
-from parallel import cpu
-from parallel.fixes import apply_megatron_fixes
-from tests.models.dist_parity import gather_logits, init, sp_grad_reduce
+from tests.models.dist_parity import gather_logits, init, sp_grad_reduce, start_worker
 from tests.models.hf_helpers import SEQ, VOCAB, arch_of
 
 FUSED = Fusions(norm=True, activation=True, cross_entropy=True)
@@ -79,14 +77,7 @@ def vocab_parallel_cross_entropy_case() -> dict[str, float]:
 
 
 def main() -> None:
-    import faulthandler
-
-    faulthandler.dump_traceback_later(
-        900, exit=True
-    )  # a hung collective fails the test instead of the session
-    dist.init_process_group("gloo")
-    cpu.apply()
-    apply_megatron_fixes()
+    start_worker(900)
     results = {"cross_entropy:tp2": vocab_parallel_cross_entropy_case()}
     for case in ("llama3", "gemma2", "mixtral"):
         for sp in (False, True) if case != "mixtral" else (True,):  # megatron's MoE at TP>1 needs SP

@@ -135,15 +135,19 @@ def hub_grads(hf, family: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def main() -> None:
+def start_worker(timeout_s: int) -> None:
+    """A gloo rank with Kiln's CPU shims and megatron fixes; a hung collective fails the test after
+    `timeout_s` instead of hanging the session."""
     import faulthandler
 
-    faulthandler.dump_traceback_later(
-        600, exit=True
-    )  # a hung collective fails the test instead of the session
+    faulthandler.dump_traceback_later(timeout_s, exit=True)
     dist.init_process_group("gloo")
     cpu.apply()
     apply_megatron_fixes()
+
+
+def main() -> None:
+    start_worker(600)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         shared = [tmp]
