@@ -220,10 +220,11 @@ class _Canon:
     """Which characters spaCy's tokenizer cannot tell apart, so that a chunk's tokens can be read off a
     representative chunk already tokenized. spaCy's tokenizer (spaCy 3, `Tokenizer._split_affixes` and
     `_attach_tokens`) decides a chunk's tokens with (a) its prefix, suffix, infix and URL regexes and (b)
-    exact-string lookups of its special cases. Two letters or digits that fall in the same elementary
-    interval of every literal and range of those regexes and agree on \\w, \\d and \\s are matched alike
-    by every regex (none uses back-references or case folding: checked here), so replacing one by the
-    other changes no regex decision. Special cases are exact strings: a chunk is only canonicalized when
+    exact-string lookups of its special cases. Two letters or digits that belong to the same character
+    classes of those regexes (each literal and each [...] set is a class) and agree on \\w, \\d and \\s
+    are matched alike by every regex (none uses back-references or case folding: checked here), so
+    replacing one by the other changes no regex decision; for chunks without "." the URL pattern's classes
+    are left out (it only matches strings with "."). Special cases are exact strings: a chunk is only canonicalized when
     none of its (or its canonical form's) letter/digit runs occurs in any special case or in the tokens
     of one, so no special-case lookup can succeed for either. Lengths are kept, so token offsets carry
     over; a representative whose tokens split a letter/digit run falls back to spaCy on the chunk."""
