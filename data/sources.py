@@ -138,6 +138,11 @@ def _record(obj, *, where: str, source: str, text_field: str, stats: ReadStats) 
     if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
         stats.skip("no text field", where)
         return None
+    try:  # JSON escapes can spell a lone surrogate ("\\ud800"): not text, and no tokenizer takes it
+        obj[text_field].encode("utf-8")
+    except UnicodeEncodeError:
+        stats.skip("lone surrogate in text", where)
+        return None
     meta = obj.get("meta") or obj.get("metadata") or {}
     return Document(
         id=str(obj["id"]) if obj.get("id") is not None else where,

@@ -46,6 +46,7 @@ def test_hf_datasets_reader(tmp_path):
 def test_bad_inputs_are_counted_per_reason(tmp_path):
     (tmp_path / "a.jsonl").write_bytes(
         b'{"text": "fine"}\n{"text": 3}\n[1, 2]\nnot json\n{"text": "bad \xff utf8"}\n\n{"text": "end"}\n'
+        b'{"text": "half a pair \\ud800 of surrogates"}\n'
     )
     packed = gzip.compress(_jsonl([{"text": f"kept {i}"} for i in range(3000)]))
     (tmp_path / "cut.jsonl.gz").write_bytes(packed[: len(packed) // 2])  # a download cut in half
@@ -57,6 +58,7 @@ def test_bad_inputs_are_counted_per_reason(tmp_path):
     assert [d.text for d in docs if not d.text.startswith("kept")] == ["fine", "end"]
     assert stats.skipped["no text field"] == 2 and stats.skipped["bad json"] == 1
     assert stats.skipped["not utf-8"] == 1
+    assert stats.skipped["lone surrogate in text"] == 1
     assert stats.skipped["unreadable (ArrowInvalid)"] == 1
     assert stats.skipped["unreadable (EOFError)"] == 1
 
