@@ -4,17 +4,13 @@ layout and weights - loss and every local gradient - and the vocab-parallel fuse
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from models.fusions import Fusions, fused_cross_entropy
 from models.gpt import build_model
-from tests.models.dist_parity import gather_logits, init, sp_grad_reduce, start_worker
+from tests.models.dist_parity import finish_worker, gather_logits, init, sp_grad_reduce, start_worker
 from tests.models.hf_helpers import SEQ, VOCAB, arch_of
 
 FUSED = Fusions(norm=True, activation=True, cross_entropy=True)
@@ -83,9 +79,7 @@ def main() -> None:
         for sp in (False, True) if case != "mixtral" else (True,):  # megatron's MoE at TP>1 needs SP
             results[f"{case}:tp2{',sp' if sp else ''}"] = run_case(case, sp)
             dist.barrier()
-    if dist.get_rank() == 0:
-        Path(sys.argv[1]).write_text(json.dumps(results, indent=1))
-    dist.destroy_process_group()
+    finish_worker(results)
 
 
 if __name__ == "__main__":

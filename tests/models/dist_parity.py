@@ -146,6 +146,13 @@ def start_worker(timeout_s: int) -> None:
     apply_megatron_fixes()
 
 
+def finish_worker(results: dict) -> None:
+    """Rank 0 writes the results to the path the test passed (argv[1]); every rank leaves the group."""
+    if dist.get_rank() == 0:
+        Path(sys.argv[1]).write_text(json.dumps(results, indent=1))
+    dist.destroy_process_group()
+
+
 def main() -> None:
     start_worker(600)
     results = {}
@@ -160,9 +167,7 @@ def main() -> None:
                     case, layout, Path(shared[0]) / name.replace(":", "_").replace(",", "_")
                 )
                 dist.barrier()
-    if dist.get_rank() == 0:
-        Path(sys.argv[1]).write_text(json.dumps(results, indent=1))
-    dist.destroy_process_group()
+    finish_worker(results)
 
 
 if __name__ == "__main__":
