@@ -26,6 +26,33 @@ def torchrun(script, *args, nproc: int = 2, timeout: int = 1200) -> subprocess.C
     return proc
 
 
+def megatron_forward_backward(ddp, opt, tokens, *, forward_only: bool = False) -> float:
+    """Zero the gradients and run megatron-core's forward-backward of a language model on `tokens` (batch,
+    seq + 1: inputs and next-token labels) as one micro-batch; the mean loss."""
+    import torch
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    batch, seq = tokens.shape[0], tokens.shape[1] - 1
+
+    def fwd(it, model):
+        x = next(it)
+        out = model(x[:, :-1], torch.arange(seq).expand(batch, -1), None, labels=x[:, 1:])
+        return out, lambda o: (o.mean(), {"loss": o.mean().detach().clone()})
+
+    ddp.zero_grad_buffer()
+    opt.zero_grad()
+    res = get_forward_backward_func()(
+        forward_step_func=fwd,
+        data_iterator=iter([tokens]),
+        model=[ddp],
+        num_microbatches=1,
+        seq_length=seq,
+        micro_batch_size=batch,
+        forward_only=forward_only,
+    )
+    return res[0]["loss"].item()
+
+
 # A small but real run: the stdlib/package-docs corpus capped, a 2-layer model, short stages.
 SMALL = [
     "data.sources.code.max_bytes=600000",

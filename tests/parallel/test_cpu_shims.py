@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from parallel import cpu
+from tests.conftest import megatron_forward_backward
 
 
 def test_every_shim_applies(megatron_world1):
@@ -15,8 +16,6 @@ def test_every_shim_applies(megatron_world1):
 def test_ddp_distributed_optimizer_step_on_cpu(megatron_world1):
     """DDP + DistributedOptimizer + grad clipping on CPU: the paths the type_strings, cuda_factories and
     current_device shims unblock. One AdamW step must lower the loss on a fixed batch."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     from models.gpt import build_model
     from models.registry import resolve_arch
     from parallel import engine
@@ -40,23 +39,7 @@ def test_ddp_distributed_optimizer_step_on_cpu(megatron_world1):
     tokens = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
 
     def step(forward_only):
-        def fwd(it, model):
-            x = next(it)
-            out = model(x[:, :-1], torch.arange(16).expand(2, -1), None, labels=x[:, 1:])
-            return out, lambda o: (o.mean(), {"loss": o.mean().detach().clone()})
-
-        ddp.zero_grad_buffer()
-        opt.zero_grad()
-        res = get_forward_backward_func()(
-            forward_step_func=fwd,
-            data_iterator=iter([tokens]),
-            model=[ddp],
-            num_microbatches=1,
-            seq_length=16,
-            micro_batch_size=2,
-            forward_only=forward_only,
-        )
-        return res[0]["loss"].item()
+        return megatron_forward_backward(ddp, opt, tokens, forward_only=forward_only)
 
     before = step(False)
     ok, grad_norm, _ = opt.step()

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from tests.conftest import megatron_forward_backward
 from train import checkpoint
 from train.checkpoint import CheckpointConfig
 
@@ -136,25 +137,9 @@ TOKENS = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(
 
 def train_step(ddp, opt) -> float:
     """One megatron-core step of the tiny model on TOKENS (batch 2, sequence 16); the loss."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    def fwd(it, model):
-        x = next(it)
-        out = model(x[:, :-1], torch.arange(16).expand(2, -1), None, labels=x[:, 1:])
-        return out, lambda o: (o.mean(), {"loss": o.mean().detach().clone()})
-
-    ddp.zero_grad_buffer()
-    opt.zero_grad()
-    res = get_forward_backward_func()(
-        forward_step_func=fwd,
-        data_iterator=iter([TOKENS]),
-        model=[ddp],
-        num_microbatches=1,
-        seq_length=16,
-        micro_batch_size=2,
-    )
+    loss = megatron_forward_backward(ddp, opt, TOKENS)
     opt.step()
-    return res[0]["loss"].item()
+    return loss
 
 
 @pytest.mark.parametrize("zero_stage", [1, 0])  # distributed optimizer; plain (configs/parallel/single.yaml)
