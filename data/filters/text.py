@@ -12,6 +12,7 @@ seen (`_Canon`); `spacy_chunk_tokens` is the unoptimized reference the tests com
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from functools import cached_property, lru_cache
 from itertools import chain
 
@@ -60,22 +61,64 @@ def _tokenizer():
     return nlp.tokenizer
 
 
+def _last_chars(items) -> frozenset[int] | None:
+    """The code points a match of the parsed sequence `items` can end with (its last item's literals and
+    set members), or None where that is not a plain set (a category such as \\w, a negated set, an
+    assertion, an optional last item)."""
+    from re import _constants as sc
+
+    if not items:
+        return None
+    op, av = items[-1]
+    if op is sc.LITERAL:
+        return frozenset([av])
+    if op is sc.IN:
+        out: set[int] = set()
+        for sop, sav in av:
+            if sop is sc.LITERAL:
+                out.add(sav)
+            elif sop is sc.RANGE:
+                out.update(range(sav[0], sav[1] + 1))
+            else:
+                return None
+        return frozenset(out)
+    if op in (sc.MAX_REPEAT, sc.MIN_REPEAT, sc.POSSESSIVE_REPEAT) and av[0] >= 1:
+        return _last_chars(list(av[2]))
+    if op is sc.SUBPATTERN:
+        return _last_chars(list(av[3]))
+    if op is sc.BRANCH:
+        out = set()
+        for branch in av[1]:
+            last = _last_chars(list(branch))
+            if last is None:
+                return None
+            out |= last
+        return frozenset(out)
+    return None
+
+
 def _tail_search(pattern: re.Pattern):
     """`pattern.search` for a suffix pattern whose alternatives all end at `$`, looking only where a match
     can start: the last W characters (W = the widest bounded alternative), unless the string ends in more
-    than W repeats of the one character an unbounded alternative repeats (spaCy's `\\.\\.+$`). Equal to
-    `pattern.search` on whitespace-free strings (lookbehinds still see characters before the start
-    position); returns `pattern.search` itself where the pattern has another shape."""
+    than W repeats of the one character an unbounded alternative repeats (spaCy's `\\.\\.+$`); and not
+    at all when the string's last character is none a match can end with (most chunks end in a letter or
+    digit that no suffix ends with). Equal to `pattern.search` on whitespace-free strings (lookbehinds
+    still see characters before the start position); returns `pattern.search` itself where the pattern
+    has another shape."""
     from re import _constants as sc
     from re import _parser as sp
 
     tree = sp.parse(pattern.pattern, pattern.flags)
-    if len(tree.data) != 1 or tree.data[0][0] is not sc.BRANCH:
+    if len(tree.data) != 1 or tree.data[0][0] is not sc.BRANCH or pattern.flags & re.IGNORECASE:
         return pattern.search
-    widest, repeated = 0, set()
+    widest, repeated, ends = 0, set(), set()
     for alt in tree.data[0][1][1]:
         if not alt or alt[-1] != (sc.AT, sc.AT_END):
             return pattern.search
+        last = _last_chars(list(alt[:-1]))
+        if last is None:
+            return pattern.search
+        ends.update(map(chr, last))
         lo, hi = sp.SubPattern(tree.state, alt).getwidth()
         if hi < sc.MAXREPEAT:
             widest = max(widest, hi)
@@ -90,8 +133,11 @@ def _tail_search(pattern: re.Pattern):
             return pattern.search
     guards = tuple(ch * (widest + 1) for ch in repeated)
     search = pattern.search
+    ends = frozenset(ends)
 
     def tail_search(s: str):
+        if s and s[-1] not in ends:
+            return None
         if guards and s.endswith(guards):
             return search(s)
         return search(s, max(0, len(s) - widest))
@@ -103,14 +149,19 @@ def _tail_search(pattern: re.Pattern):
 def _fast_tokenizer():
     """`_tokenizer()` with its suffix search looking only at the string's tail (`_tail_search`): spaCy's
     suffix pattern is anchored at `$` but `re.search` tries it from every position, which was most of
-    the tokenizer's time on long chunks (URLs, CJK sentences). Same tokens (tests compare with
+    the tokenizer's time on long chunks (URLs, CJK sentences); and its URL match skipping strings without
+    ".", which no URL it accepts lacks (`_always_contains`). Same tokens (tests compare with
     `spacy_chunk_tokens`, which uses the unmodified tokenizer)."""
     import spacy
 
     nlp = spacy.blank("en")
     nlp.vocab.lex_attr_getters = {}
-    nlp.tokenizer.suffix_search = _tail_search(nlp.tokenizer.suffix_search.__self__)
-    return nlp.tokenizer
+    tok = nlp.tokenizer
+    tok.suffix_search = _tail_search(tok.suffix_search.__self__)
+    url = tok.url_match
+    if url is not None and _always_contains(url.__self__, ".".__eq__):
+        tok.url_match = lambda s: url(s) if "." in s else None
+    return tok
 
 
 @lru_cache(maxsize=1)
@@ -190,27 +241,40 @@ def _regex_classes(pattern: re.Pattern) -> tuple[list[list[tuple[int, int]]], bo
     return classes, ok
 
 
-def _always_contains(pattern: re.Pattern, ch: str) -> bool:
-    """Whether every string `pattern` matches contains the character `ch` (read off its parse tree: a
-    literal, a sequence with such an item, a branch whose alternatives all have one, a repeat of at least
-    one such body)."""
+def _always_contains(pattern: re.Pattern, ok: Callable[[str], bool]) -> bool:
+    """Whether every string in which `pattern` finds a match contains a character for which `ok` is true,
+    read off its parse tree: a literal or a set of only such characters, a sequence with such an item, a
+    branch whose alternatives all have one, a repeat of at least one such body, a positive lookaround
+    whose body has one (what it asserts lies in the string too)."""
     from re import _constants as sc
     from re import _parser as sp
+
+    if pattern.flags & re.IGNORECASE:
+        return False
 
     def seq(items) -> bool:
         return any(item(op, av) for op, av in items)
 
+    def member(op, av) -> bool:
+        if op is sc.LITERAL:
+            return ok(chr(av))
+        if op is sc.RANGE:
+            return all(ok(chr(x)) for x in range(av[0], av[1] + 1))
+        return False  # NEGATE, CATEGORY (\w, \d, ...)
+
     def item(op, av) -> bool:
         if op is sc.LITERAL:
-            return av == ord(ch)
+            return ok(chr(av))
         if op is sc.IN:
-            return list(av) == [(sc.LITERAL, ord(ch))]
+            return all(member(o, a) for o, a in av)
         if op is sc.SUBPATTERN:
             return seq(av[3])
         if op is sc.BRANCH:
             return all(seq(alt) for alt in av[1])
         if op in (sc.MAX_REPEAT, sc.MIN_REPEAT, sc.POSSESSIVE_REPEAT):
             return av[0] >= 1 and seq(av[2])
+        if op is sc.ASSERT:
+            return seq(av[1])
         return False
 
     return seq(sp.parse(pattern.pattern, pattern.flags))
@@ -271,7 +335,7 @@ class _Canon:
         # Every URL spaCy's url_match accepts contains ".", and so does every substring of a chunk it
         # can see only if the chunk does: for chunks without ".", the URL pattern's classes (which tell
         # digits apart for IP addresses and many letters for top-level domains) decide nothing.
-        url_dots = tok.url_match is None or _always_contains(tok.url_match.__self__, ".")
+        url_dots = tok.url_match is None or _always_contains(tok.url_match.__self__, ".".__eq__)
         self._signature_nodot = [
             ids.setdefault(frozenset(m - url_classes if url_dots else m), len(ids)) for m in members
         ]
@@ -290,6 +354,13 @@ class _Canon:
             for piece in [s.get(ORTH, s.get("ORTH", "")) for s in subs] + [t.text for t in plain(key)]:
                 cores.update(_ALNUM_RUN.findall(piece))
         self.cores = frozenset(cores)
+        # A chunk of letters only is one token unless it is a special case: when every match of every
+        # affix, infix and URL pattern needs a character that is not a letter (the unit suffixes' digit
+        # lookbehind, "'s", "."), no rule can split or strip it.
+        self.letters_whole = tok.token_match is None and all(
+            _always_contains(p, lambda ch: not ch.isalpha()) for p in patterns
+        )
+        self.special = frozenset(tok.rules)
         self.table: dict[int, str] = {}  # code point -> its representative (only letters and digits)
         self.table_nodot: dict[int, str] = {}  # the same for chunks without "."
         self._rep_of_key: dict[tuple, str] = {}
@@ -372,15 +443,25 @@ def _learn_spans(reps: list[str]) -> None:
             k += 1
 
 
-def _tokenize_new(chunks: list[str]) -> None:
-    """Cache the tokens of chunks not seen before: each is mapped to its representative (`_Canon`:
-    "Hello," and "World," share offsets), so spaCy runs once per distinct shape, not per distinct
-    chunk; a representative whose tokens split a letter/digit run falls back to spaCy on the chunk."""
-    if len(_CHUNK_TOKENS) + len(chunks) >= _CACHE_LIMIT:
+def _tokenize_new(new: set[str]) -> None:
+    """Cache the tokens of chunks not seen before. A chunk of letters only that is no special case is
+    its own token (`_Canon.letters_whole`: no regex needs to run); every other chunk is mapped to its
+    representative (`_Canon`: "Hello," and "World," share offsets), so spaCy runs once per distinct
+    shape, not per distinct chunk; a representative whose tokens split a letter/digit run falls back to
+    spaCy on the chunk."""
+    if len(_CHUNK_TOKENS) + len(new) >= _CACHE_LIMIT:
         _CHUNK_TOKENS.clear()
         _SPANS.clear()
         _STEPS.clear()
-    reps = _canon().reps(chunks)
+    canon = _canon()
+    if canon.letters_whole:
+        words = {c for c in new if c.isalpha()}.difference(canon.special)
+        _CHUNK_TOKENS.update(zip(words, zip(words)))  # chunk -> (chunk,)
+        new = new.difference(words)
+        if not new:
+            return
+    chunks = list(new)
+    reps = canon.reps(chunks)
     missing = [r for r in dict.fromkeys(reps) if r not in _SPANS]
     if missing:
         _learn_spans(missing)
@@ -403,7 +484,7 @@ def chunk_tokens(chunk: str) -> tuple[str, ...]:
     tokens are its chunks' tokens in order."""
     toks = _CHUNK_TOKENS.get(chunk)
     if toks is None:
-        _tokenize_new([chunk])
+        _tokenize_new({chunk})
         toks = _CHUNK_TOKENS[chunk]
     return toks
 
@@ -421,7 +502,7 @@ def split_words(text: str) -> list[str]:
     chunks = text.split()
     toks = list(map(_CHUNK_TOKENS.get, chunks))
     if None in toks:
-        _tokenize_new(list(set(chunks).difference(_CHUNK_TOKENS)))
+        _tokenize_new(set(chunks).difference(_CHUNK_TOKENS))
         toks = list(map(_CHUNK_TOKENS.__getitem__, chunks))
     return list(chain.from_iterable(toks))
 
@@ -430,7 +511,7 @@ def tokenize_chunks(text: str) -> None:
     """Cache the tokens of every chunk of `text` not seen before, in one spaCy call."""
     new = set(text.split()).difference(_CHUNK_TOKENS)
     if new:
-        _tokenize_new(list(new))
+        _tokenize_new(new)
 
 
 @lru_cache(maxsize=1 << 16)

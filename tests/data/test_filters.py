@@ -285,18 +285,35 @@ def test_batched_spacy_call_equals_one_call_per_chunk():
 
 
 def test_always_contains_reads_the_pattern():
-    """The coarse table for chunks without "." rests on `_always_contains(url_match, ".")`."""
+    """The coarse table for chunks without "." and the URL pre-check rest on `_always_contains(url_match,
+    ".")`, and the letters-only fast path on `_always_contains(rule, not a letter)`."""
     import re
 
     from data.filters import text as ft
 
-    assert ft._always_contains(re.compile(r"a\.b"), ".")
-    assert ft._always_contains(re.compile(r"(?:x\.)+y|[.]z"), ".")
-    assert not ft._always_contains(re.compile(r"a|b\."), ".")
-    assert not ft._always_contains(re.compile(r"(?:x\.)*y"), ".")
-    assert not ft._always_contains(re.compile(r"[.,]"), ".")
-    assert ft._always_contains(ft._tokenizer().url_match.__self__, ".")
-    assert not ft._always_contains(ft._tokenizer().url_match.__self__, ":")
+    dot, colon = ".".__eq__, ":".__eq__
+    assert ft._always_contains(re.compile(r"a\.b"), dot)
+    assert ft._always_contains(re.compile(r"(?:x\.)+y|[.]z"), dot)
+    assert not ft._always_contains(re.compile(r"a|b\."), dot)
+    assert not ft._always_contains(re.compile(r"(?:x\.)*y"), dot)
+    assert not ft._always_contains(re.compile(r"[.,]"), dot)
+    assert ft._always_contains(ft._tokenizer().url_match.__self__, dot)
+    assert not ft._always_contains(ft._tokenizer().url_match.__self__, colon)
+
+    # Sets and lookarounds: what a lookaround asserts lies in the string too; \w, \d and negated sets
+    # say nothing; case folding makes a literal stand for others.
+    def non_letter(ch):
+        return not ch.isalpha()
+
+    assert ft._always_contains(re.compile(r"(?<=[0-9])(?:km|kg)"), non_letter)
+    assert ft._always_contains(re.compile(r"[a-z](?=[-+])"), non_letter)
+    assert not ft._always_contains(re.compile(r"(?<![0-9])km"), non_letter)
+    assert not ft._always_contains(re.compile(r"(?<=\d)km"), non_letter)
+    assert not ft._always_contains(re.compile(r"[^a-z]x"), non_letter)
+    assert not ft._always_contains(re.compile(r"[0-9a]"), non_letter)
+    assert not ft._always_contains(re.compile(r"\.", re.IGNORECASE), dot)
+    # What the letters-only fast path rests on: no English affix, infix or URL rule can match letters.
+    assert ft._canon().letters_whole
 
 
 def test_tail_suffix_search_equals_full_search():
