@@ -145,12 +145,55 @@ def _tail_search(pattern: re.Pattern):
     return tail_search
 
 
+def _trigger(pattern: re.Pattern) -> frozenset[str] | None:
+    """Characters of which every string where `pattern` has a match contains one: the characters its
+    alternatives consume (lookarounds aside), checked with `_always_contains`; None where the pattern
+    consumes a category (\\w), a negated set or any character. (A set, not a regex class: `re` scans a
+    class of thousands of scattered code points linearly.)"""
+    from re import _constants as sc
+    from re import _parser as sp
+
+    chars: set[int] = set()
+
+    def walk(items) -> bool:
+        for op, av in items:
+            if op is sc.LITERAL:
+                chars.add(av)
+            elif op is sc.IN:
+                for sop, sav in av:
+                    if sop is sc.LITERAL:
+                        chars.add(sav)
+                    elif sop is sc.RANGE:
+                        chars.update(range(sav[0], sav[1] + 1))
+                    else:
+                        return False
+            elif op is sc.BRANCH:
+                if not all(walk(b) for b in av[1]):
+                    return False
+            elif op is sc.SUBPATTERN:
+                if not walk(av[3]):
+                    return False
+            elif op in (sc.MAX_REPEAT, sc.MIN_REPEAT, sc.POSSESSIVE_REPEAT):
+                if not walk(av[2]):
+                    return False
+            elif op not in (sc.ASSERT, sc.ASSERT_NOT, sc.AT):
+                return False
+        return True
+
+    if not walk(sp.parse(pattern.pattern, pattern.flags)) or not chars:
+        return None
+    if not _always_contains(pattern, lambda ch: ord(ch) in chars):
+        return None
+    return frozenset(map(chr, chars))
+
+
 @lru_cache(maxsize=1)
 def _fast_tokenizer():
     """`_tokenizer()` with its suffix search looking only at the string's tail (`_tail_search`): spaCy's
     suffix pattern is anchored at `$` but `re.search` tries it from every position, which was most of
-    the tokenizer's time on long chunks (URLs, CJK sentences); and its URL match skipping strings without
-    ".", which no URL it accepts lacks (`_always_contains`). Same tokens (tests compare with
+    the tokenizer's time on long chunks (URLs, CJK sentences); its URL match skipping strings without
+    ".", which no URL it accepts lacks (`_always_contains`); its infix search skipping strings without
+    any character an infix consumes (`_trigger`: ".", ",", hyphens, ":<>=/", symbols). Same tokens (tests compare with
     `spacy_chunk_tokens`, which uses the unmodified tokenizer)."""
     import spacy
 
@@ -161,6 +204,10 @@ def _fast_tokenizer():
     url = tok.url_match
     if url is not None and _always_contains(url.__self__, ".".__eq__):
         tok.url_match = lambda s: url(s) if "." in s else None
+    finditer = tok.infix_finditer
+    trigger = _trigger(finditer.__self__)
+    if trigger is not None:
+        tok.infix_finditer = lambda s: () if trigger.isdisjoint(s) else finditer(s)
     return tok
 
 
@@ -172,7 +219,7 @@ def _sentence_punct() -> frozenset[str]:
 
 
 _CHUNK_TOKENS: dict[str, tuple[str, ...]] = {}
-_SPANS: dict[str, tuple[tuple[tuple[int, int], ...], bool]] = {}
+_SPANS: dict[str, tuple[tuple[int, ...], tuple[int, ...], bool]] = {}
 _CACHE_LIMIT = 2_000_000
 _WS_RUN = re.compile(r"(\s+)")
 _SEPARATOR = "\u2003"  # em space: see _learn_spans
@@ -413,34 +460,75 @@ def _canon() -> _Canon:
     return _Canon()
 
 
+@lru_cache(maxsize=1)
+def _alnum_bmp():
+    """str.isalnum of every Basic Multilingual Plane code point, as a lookup table."""
+    import numpy as np
+
+    return np.array([chr(i).isalnum() for i in range(0x10000)])
+
+
+def _isalnum_at(codes, pos):
+    """str.isalnum of the characters at `pos` of a string given as its code points."""
+    import numpy as np
+
+    c = codes[pos]
+    out = _alnum_bmp()[np.minimum(c, 0xFFFF)]
+    high = np.flatnonzero(c > 0xFFFF)
+    if len(high):
+        out[high] = [chr(x).isalnum() for x in c[high].tolist()]
+    return out
+
+
 def _learn_spans(reps: list[str]) -> None:
-    """spaCy's tokens of each new representative as (start, end) offsets, and whether a token boundary
-    falls between two letters/digits (then the offsets are only trusted for that string itself).
+    """spaCy's tokens of each new representative as their start and stop offsets, and whether a token
+    boundary falls between two letters/digits (then the offsets are only trusted for that string itself).
 
     One tokenizer call for all of them: spaCy tokenizes each space-separated chunk alone, and a call's
     fixed cost (Doc, token objects) was most of the time when it ran per chunk. They are joined by an em
     space, which spaCy makes a token of its own (only " " is absorbed as trailing space) that is in no
     special case: spaCy's special-case matcher (`_apply_special_cases`, e.g. ":(" across the tokens ":"
     and "(") then cannot match across two chunks and shadow a match inside one, and has no match on the
-    separators themselves (" " is a special case). Tests compare with `spacy_chunk_tokens` per chunk."""
+    separators themselves (" " is a special case). Tests compare with `spacy_chunk_tokens` per chunk.
+    Tokens are assigned to representatives with array operations, not a loop over tokens."""
+    import numpy as np
     from spacy.attrs import IDX, LENGTH
 
-    arr = _fast_tokenizer()(_SEPARATOR.join(reps)).to_array([IDX, LENGTH]).tolist()
-    k, pos, n = 0, 0, len(arr)
-    for rep in reps:
-        end = pos + len(rep)
-        spans, i, cut = [], 0, False
-        while k < n and arr[k][0] < end:
-            a = arr[k][0] - pos
-            b = a + arr[k][1]
-            cut |= a > 0 and (a != i or (rep[a - 1].isalnum() and rep[a].isalnum()))
-            spans.append((a, b))
-            i = b
-            k += 1
-        _SPANS[rep] = (tuple(spans), cut or i != len(rep))
-        pos = end + 1
-        while k < n and arr[k][0] < pos:  # the separating whitespace token
-            k += 1
+    joined = _SEPARATOR.join(reps)
+    # Flat, then split: tolist() of the (n, 2) uint64 array was slower than the tokenizer call.
+    flat = _fast_tokenizer()(joined).to_array([IDX, LENGTH]).astype(np.int64).ravel()
+    idx, length = flat[0::2], flat[1::2]
+    lens = np.fromiter(map(len, reps), np.int64, len(reps))
+    starts = np.zeros(len(reps), np.int64)
+    np.cumsum(lens[:-1] + 1, out=starts[1:])
+    rid = np.searchsorted(starts, idx, "right") - 1
+    own = idx < starts[rid] + lens[rid]  # not the separator after the representative
+    idx, length, rid = idx[own], length[own], rid[own]
+    rel = idx - starts[rid]
+    stop = rel + length
+    first = np.ones(len(rid), bool)
+    first[1:] = rid[1:] != rid[:-1]
+    prev_stop = np.zeros(len(rid), np.int64)
+    prev_stop[1:] = stop[:-1]
+    prev_stop[first] = 0
+    cut_at = rel != prev_stop  # a gap before the token (never seen: spaCy's tokens tile a chunk)
+    inner = np.flatnonzero(~first)
+    if len(inner):
+        codes = np.frombuffer(joined.encode("utf-32-le"), np.uint32)
+        at = idx[inner]
+        cut_at[inner] |= _isalnum_at(codes, at - 1) & _isalnum_at(codes, at)
+    counts = np.bincount(rid, minlength=len(reps))
+    cut = (np.bincount(rid, weights=cut_at, minlength=len(reps)) > 0) | (counts == 0)
+    last = np.ones(len(rid), bool)
+    last[:-1] = rid[:-1] != rid[1:]
+    cut[rid[last]] |= stop[last] != lens[rid[last]]
+    bounds = np.concatenate([[0], np.cumsum(counts)]).tolist()
+    rel_l, stop_l, cut_l = rel.tolist(), stop.tolist(), cut.tolist()
+    for k, rep in enumerate(reps):
+        lo, hi = bounds[k], bounds[k + 1]
+        # Tuples of ints, not slices: a slice stays tracked by the garbage collector for as long as the
+        # cache holds it, and a collection's cost grows with what is tracked.
+        _SPANS[rep] = (tuple(rel_l[lo:hi]), tuple(stop_l[lo:hi]), cut_l[k])
 
 
 def _tokenize_new(new: set[str]) -> None:
@@ -467,15 +555,18 @@ def _tokenize_new(new: set[str]) -> None:
         _learn_spans(missing)
     retry = []
     for chunk, rep in zip(chunks, reps):
-        spans, cut = _SPANS[rep]
+        starts, stops, cut = _SPANS[rep]
         if cut and rep != chunk:
             retry.append(chunk)
+        elif len(starts) == 1:
+            _CHUNK_TOKENS[chunk] = (chunk,)
         else:
-            _CHUNK_TOKENS[chunk] = (chunk,) if len(spans) == 1 else tuple(chunk[a:b] for a, b in spans)
+            _CHUNK_TOKENS[chunk] = tuple(map(chunk.__getitem__, map(slice, starts, stops)))
     if retry:
         _learn_spans([c for c in retry if c not in _SPANS])
         for chunk in retry:
-            _CHUNK_TOKENS[chunk] = tuple(chunk[a:b] for a, b in _SPANS[chunk][0])
+            starts, stops, _ = _SPANS[chunk]
+            _CHUNK_TOKENS[chunk] = tuple(map(chunk.__getitem__, map(slice, starts, stops)))
 
 
 def chunk_tokens(chunk: str) -> tuple[str, ...]:

@@ -279,8 +279,18 @@ def test_batched_spacy_call_equals_one_call_per_chunk():
         ft._SPANS.clear()
         ft._learn_spans([a, b])
         for chunk in (a, b):
-            spans = ft._SPANS[chunk][0]
-            assert tuple(chunk[i:j] for i, j in spans) == ft.spacy_chunk_tokens(chunk), (a, b)
+            starts, stops, _ = ft._SPANS[chunk]
+            assert tuple(chunk[i:j] for i, j in zip(starts, stops)) == ft.spacy_chunk_tokens(chunk), (a, b)
+    # The flag that sends a chunk back to spaCy: a token boundary between two letters ("ca|n't"), in
+    # the middle and at the end of a batch, and not elsewhere.
+    ft._SPANS.clear()
+    ft._learn_spans(["can't", "ban:", "x", "don't"])
+    assert {k: v[2] for k, v in ft._SPANS.items()} == {
+        "can't": True,
+        "ban:": False,
+        "x": False,
+        "don't": True,
+    }
     ft.clear_caches()
 
 
@@ -318,7 +328,8 @@ def test_always_contains_reads_the_pattern():
 
 def test_tail_suffix_search_equals_full_search():
     """The fast tokenizer's suffix search looks only at a chunk's tail (`_tail_search`); it finds the
-    same match as spaCy's pattern on the whole chunk, including runs of dots longer than the tail."""
+    same match as spaCy's pattern on the whole chunk, including runs of dots longer than the tail. Its
+    infix and URL searches find the same matches too."""
     import random
 
     from data.filters import text as ft
@@ -334,3 +345,14 @@ def test_tail_suffix_search_equals_full_search():
     for s in chunks:
         a, b = pattern.search(s), fast(s)
         assert (a and a.span()) == (b and b.span()), s
+    # The infix and URL shortcuts of the fast tokenizer (`_trigger`, the "." pre-check) find what the
+    # unmodified patterns find, and do skip strings.
+    plain, quick = ft._tokenizer(), ft._fast_tokenizer()
+    assert ft._trigger(plain.infix_finditer.__self__) is not None
+    chunks += ["a-b", "a--b", "x,y", "a.B", "1+2", "a:b", "a/b", "a…b", "x…", "a©b", "www.a.com", "a@b.org"]
+    for s in chunks:
+        spans = [m.span() for m in plain.infix_finditer(s)]
+        assert spans == [m.span() for m in quick.infix_finditer(s)], s
+        a, b = plain.url_match(s), quick.url_match(s)
+        assert (a and a.span()) == (b and b.span()), s
+    assert quick.infix_finditer("abc") == ()
