@@ -35,7 +35,7 @@ class FineWebQuality:
         newlines = doc.text.count("\n")
         if (
             newlines / len(doc.text.split()) > c.new_line_ratio
-            and newlines / len(doc.words) > c.new_line_ratio
+            and newlines / doc.counts.words > c.new_line_ratio
         ):
             return "list_ratio"
         return None

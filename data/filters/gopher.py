@@ -12,10 +12,7 @@ import re
 import numpy as np
 
 from data.config import GopherQualityConfig, GopherRepetitionConfig
-from data.filters.text import DocText, word_stats
-
-# Gopher's stop words (A.1.1: "the, be, to, of, and, that, have, with"; a document needs at least two).
-STOP_WORDS = frozenset(["the", "be", "to", "of", "and", "that", "have", "with"])
+from data.filters.text import DocText
 
 _PARAGRAPHS = re.compile(r"\n{2,}")
 _LINES = re.compile("\n+")
@@ -31,16 +28,15 @@ class GopherQuality:
     def __call__(self, doc: DocText) -> str | None:
         c = self.cfg
         text = doc.text
-        words = doc.words
-        n_words = len(words)
-        n_non_symbol, total_length, n_alpha = word_stats(words)
+        counts = doc.counts  # datatrove's split_into_words, counted per chunk (no word list)
+        n_words, n_non_symbol = counts.words, counts.non_symbol
         # A.1.1: fewer than 50 or more than 100,000 words.
         if c.min_doc_words and n_non_symbol < c.min_doc_words:
             return "gopher_short_doc"
         if c.max_doc_words and n_non_symbol > c.max_doc_words:
             return "gopher_long_doc"
         # A.1.1: mean word length outside 3..10 characters.
-        avg = total_length / n_non_symbol if n_non_symbol else float("nan")
+        avg = counts.non_symbol_chars / n_non_symbol if n_non_symbol else float("nan")
         if c.min_avg_word_length and avg < c.min_avg_word_length:
             return "gopher_below_avg_threshold"
         if c.max_avg_word_length and avg > c.max_avg_word_length:
@@ -64,10 +60,10 @@ class GopherQuality:
             if ends / len(lines) > c.max_ellipsis_lines_ratio:
                 return "gopher_too_many_end_ellipsis"
         # A.1.1: at least 80% of words contain an alphabetic character.
-        if c.max_non_alpha_words_ratio and n_alpha / n_words < c.max_non_alpha_words_ratio:
+        if c.max_non_alpha_words_ratio and counts.alpha / n_words < c.max_non_alpha_words_ratio:
             return "gopher_below_alpha_threshold"
-        # A.1.1: at least two of the stop words.
-        if c.min_stop_words and len(STOP_WORDS.intersection(words)) < c.min_stop_words:
+        # A.1.1: at least two of the stop words ("the, be, to, of, and, that, have, with": text.STOP_WORDS).
+        if c.min_stop_words and counts.stop_words < c.min_stop_words:
             return "gopher_enough_stop_words"
         return None
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from itertools import chain
 
@@ -537,10 +538,6 @@ def _tokenize_new(new: set[str]) -> None:
     representative (`_Canon`: "Hello," and "World," share offsets), so spaCy runs once per distinct
     shape, not per distinct chunk; a representative whose tokens split a letter/digit run falls back to
     spaCy on the chunk."""
-    if len(_CHUNK_TOKENS) + len(new) >= _CACHE_LIMIT:
-        _CHUNK_TOKENS.clear()
-        _SPANS.clear()
-        _STEPS.clear()
     canon = _canon()
     if canon.letters_whole:
         words = {c for c in new if c.isalpha()}.difference(canon.special)
@@ -569,23 +566,36 @@ def _tokenize_new(new: set[str]) -> None:
             _CHUNK_TOKENS[chunk] = tuple(map(chunk.__getitem__, map(slice, starts, stops)))
 
 
+def _ensure_tokens(chunks: set[str]) -> None:
+    """Cache the tokens of those of `chunks` not cached yet. When the caches would grow past _CACHE_LIMIT
+    entries they are emptied first and all of `chunks` tokenized, so every one of them is cached on
+    return (a caller reads them right after)."""
+    new = chunks.difference(_CHUNK_TOKENS)
+    if not new:
+        return
+    if len(_CHUNK_TOKENS) + len(new) >= _CACHE_LIMIT:
+        clear_caches()
+        new = chunks
+    _tokenize_new(new)
+
+
 def chunk_tokens(chunk: str) -> tuple[str, ...]:
     """spaCy's tokens of one whitespace-free chunk, cached. spaCy's tokenizer splits text at whitespace
     first and tokenizes each chunk alone (prefixes, suffixes, infixes, special cases), so a document's
     tokens are its chunks' tokens in order."""
     toks = _CHUNK_TOKENS.get(chunk)
     if toks is None:
-        _tokenize_new({chunk})
+        _ensure_tokens({chunk})
         toks = _CHUNK_TOKENS[chunk]
     return toks
 
 
 def clear_caches() -> None:
-    """Forget every cached chunk, representative and word code (benchmarks measure a cold start)."""
+    """Forget every cached chunk, representative and count (benchmarks measure a cold start)."""
     _CHUNK_TOKENS.clear()
     _SPANS.clear()
-    _WORD_CODES.clear()
     _STEPS.clear()
+    _CHUNK_COUNTS.clear()
 
 
 def split_words(text: str) -> list[str]:
@@ -593,16 +603,14 @@ def split_words(text: str) -> list[str]:
     chunks = text.split()
     toks = list(map(_CHUNK_TOKENS.get, chunks))
     if None in toks:
-        _tokenize_new(set(chunks).difference(_CHUNK_TOKENS))
+        _ensure_tokens(set(chunks))
         toks = list(map(_CHUNK_TOKENS.__getitem__, chunks))
     return list(chain.from_iterable(toks))
 
 
 def tokenize_chunks(text: str) -> None:
     """Cache the tokens of every chunk of `text` not seen before, in one spaCy call."""
-    new = set(text.split()).difference(_CHUNK_TOKENS)
-    if new:
-        _tokenize_new(new)
+    _ensure_tokens(set(text.split()))
 
 
 @lru_cache(maxsize=1 << 16)
@@ -660,35 +668,61 @@ def count_sentences(text: str) -> int:
     return starts
 
 
-_WORD_CODES: dict[str, int] = {}
-_FIELD = 1 << 32
-
-
+# Gopher's stop words (Rae et al. 2021, A.1.1: "the, be, to, of, and, that, have, with"), counted per chunk
+# with the other word counts so that GopherQuality never needs a document's word list.
+STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
+_STOP_FIELD = {w: 4 + k for k, w in enumerate(STOP_WORDS)}
+_FIELD_BITS = 32  # a field per count: a document under 4 GiB cannot carry into the next one
+_FIELD_MASK = (1 << _FIELD_BITS) - 1
+_CHUNK_COUNTS: dict[str, int] = {}
 _PUNCT_ALPHA = any(ch.isalpha() for ch in PUNCTUATION_SET)  # False: a letter is never a symbol
 
 
-def _word_code(word: str) -> int:
-    if word.isalpha() and not _PUNCT_ALPHA:  # most words: a letter makes it non-symbol and alphabetic
-        return 1 + _FIELD + len(word) * _FIELD * _FIELD
-    non_symbol = any(ch not in PUNCTUATION_SET for ch in word)
-    alpha = any(ch.isalpha() for ch in word)
-    return non_symbol + alpha * _FIELD + (len(word) if non_symbol else 0) * _FIELD * _FIELD
+def _chunk_code(tokens: tuple[str, ...]) -> int:
+    """A chunk's word counts packed in one integer, a field each (`WordCounts` reads them back): words
+    with a character outside PUNCTUATION_SET, words with a letter, the total length of the former, all
+    words, and each stop word."""
+    code = len(tokens) << 3 * _FIELD_BITS
+    for word in tokens:
+        if word.isalpha() and not _PUNCT_ALPHA:  # most words: a letter makes it non-symbol and alphabetic
+            non_symbol = alpha = True
+        else:
+            non_symbol = any(ch not in PUNCTUATION_SET for ch in word)
+            alpha = any(ch.isalpha() for ch in word)
+        code += non_symbol + (alpha << _FIELD_BITS) + ((len(word) if non_symbol else 0) << 2 * _FIELD_BITS)
+        field = _STOP_FIELD.get(word)
+        if field is not None:
+            code += 1 << field * _FIELD_BITS
+    return code
 
 
-def word_stats(words: list[str]) -> tuple[int, int, int]:
-    """(words with a character outside PUNCTUATION_SET, total length of those words, words with an
-    alphabetic character). Each distinct word is coded once as one integer with the three counts in
-    separate 32-bit fields, so a document's counts are one C-level sum over its words."""
-    codes = _WORD_CODES
+@dataclass(frozen=True)
+class WordCounts:
+    """What GopherQuality (and FineWeb's line ratio) need of a document's words (datatrove
+    `split_into_words`), without the words themselves."""
+
+    words: int
+    non_symbol: int  # words with a character outside PUNCTUATION_SET
+    non_symbol_chars: int  # the total length of those words
+    alpha: int  # words with an alphabetic character
+    stop_words: int  # how many of STOP_WORDS occur
+
+
+def word_counts(text: str) -> WordCounts:
+    """The document's word counts: one C-level sum of its chunks' packed counts (`_chunk_code`), each
+    chunk coded once from its cached tokens."""
+    chunks = text.split()
     try:
-        total = sum(map(codes.__getitem__, words))
+        total = sum(map(_CHUNK_COUNTS.__getitem__, chunks))
     except KeyError:
-        if len(codes) >= _CACHE_LIMIT:
-            codes.clear()
-        for w in set(words).difference(codes):
-            codes[w] = _word_code(w)
-        total = sum(map(codes.__getitem__, words))
-    return total % _FIELD, total // (_FIELD * _FIELD), total // _FIELD % _FIELD
+        distinct = set(chunks)
+        _ensure_tokens(distinct)  # may empty every cache, _CHUNK_COUNTS included
+        tokens = _CHUNK_TOKENS
+        for chunk in distinct.difference(_CHUNK_COUNTS):
+            _CHUNK_COUNTS[chunk] = _chunk_code(tokens[chunk])
+        total = sum(map(_CHUNK_COUNTS.__getitem__, chunks))
+    f = [total >> k * _FIELD_BITS & _FIELD_MASK for k in range(4 + len(STOP_WORDS))]
+    return WordCounts(f[3], f[0], f[2], f[1], sum(map(bool, f[4:])))
 
 
 class DocText:
@@ -700,3 +734,7 @@ class DocText:
     @cached_property
     def words(self) -> list[str]:
         return split_words(self.text)
+
+    @cached_property
+    def counts(self) -> WordCounts:
+        return word_counts(self.text)

@@ -356,3 +356,35 @@ def test_tail_suffix_search_equals_full_search():
         a, b = plain.url_match(s), quick.url_match(s)
         assert (a and a.span()) == (b and b.span()), s
     assert quick.infix_finditer("abc") == ()
+
+
+def test_word_counts_equal_counts_of_the_word_list(monkeypatch):
+    """GopherQuality reads per-chunk packed counts (`word_counts`), not the word list: on real and varied
+    text, each count equals the same count taken over `split_words`, also when the caches are emptied
+    mid-document because they reached their size limit (a document's earlier chunks must not go missing)."""
+    from data.filters import text as ft
+    from data.samples import mixed_corpus
+
+    docs = VARIED + mixed_corpus(300) + [" ".join(["the of and to be that have with"] * 3 + ["the#"])]
+
+    def expected(text):
+        words = split_words(text)
+        non_symbol = [w for w in words if any(ch not in ft.PUNCTUATION_SET for ch in w)]
+        return ft.WordCounts(
+            len(words),
+            len(non_symbol),
+            sum(map(len, non_symbol)),
+            sum(any(ch.isalpha() for ch in w) for w in words),
+            len(set(ft.STOP_WORDS).intersection(words)),
+        )
+
+    ft.clear_caches()
+    want = [expected(d) for d in docs]
+    assert [ft.word_counts(d) for d in docs] == want
+    assert want[-1].stop_words == 8 and sum(w.stop_words == 0 for w in want) > 0
+    ft.clear_caches()
+    monkeypatch.setattr(ft, "_CACHE_LIMIT", 40)
+    assert [ft.word_counts(d) for d in docs] == want
+    assert [expected(d) for d in docs] == want
+    assert len(ft._CHUNK_TOKENS) < 40 + max(len(set(d.split())) for d in docs)
+    ft.clear_caches()
