@@ -71,8 +71,9 @@ def mixed_corpus(limit: int) -> list[str]:
     """Up to `limit` documents mixing package docs, fortunes (10 per document, every installed
     language) and the handbook's English pages as trafilatura extracts them: prose, code, lists and
     markup-heavy text, so every filter rule is exercised."""
-    from data.html import html_to_text
+    from data.html import html_to_text, reset_html_state
 
+    reset_html_state()  # the same documents on every call in a process
     parts = [package_docs(limit // 2)]
     for lang in fortune_languages():
         parts.append(fortunes(lang, per_doc=10))

@@ -49,6 +49,10 @@ def process_shard(
     files = source_files(src.kind, list(src.paths))
     mine = shard_files(list(enumerate(files)), shard_index=index, num_shards=num_shards)
     stats = ReadStats()
+    if src.html:
+        from data.html import reset_html_state
+
+        reset_html_state()  # the shard's text must not depend on what this worker extracted before
     chain = FilterChain(cfg.filters) if src.filter else None
     redact = PIIRedactor(emails=cfg.pii.emails, ips=cfg.pii.ips) if (cfg.pii.emails or cfg.pii.ips) else None
     hasher = MinHasher(ngram=cfg.dedup.ngram, bands=cfg.dedup.bands, rows=cfg.dedup.rows, seed=cfg.dedup.seed)
