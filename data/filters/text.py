@@ -596,6 +596,7 @@ def clear_caches() -> None:
     _SPANS.clear()
     _STEPS.clear()
     _CHUNK_COUNTS.clear()
+    _WORD_CODES.clear()
 
 
 def split_words(text: str) -> list[str]:
@@ -675,25 +676,41 @@ _STOP_FIELD = {w: 4 + k for k, w in enumerate(STOP_WORDS)}
 _FIELD_BITS = 32  # a field per count: a document under 4 GiB cannot carry into the next one
 _FIELD_MASK = (1 << _FIELD_BITS) - 1
 _CHUNK_COUNTS: dict[str, int] = {}
+_WORD_CODES: dict[str, int] = {}  # words (of chunks that are not one word of letters) -> _word_code
 _PUNCT_ALPHA = any(ch.isalpha() for ch in PUNCTUATION_SET)  # False: a letter is never a symbol
 
 
-def _chunk_code(tokens: tuple[str, ...]) -> int:
-    """A chunk's word counts packed in one integer, a field each (`WordCounts` reads them back): words
+def _word_code(word: str) -> int:
+    """One word's counts in the fields of `_chunk_code` (all but the word count)."""
+    if word.isalpha() and not _PUNCT_ALPHA:  # most words: a letter makes it non-symbol and alphabetic
+        non_symbol = alpha = True
+    else:
+        non_symbol = any(ch not in PUNCTUATION_SET for ch in word)
+        alpha = any(ch.isalpha() for ch in word)
+    code = non_symbol + (alpha << _FIELD_BITS) + ((len(word) if non_symbol else 0) << 2 * _FIELD_BITS)
+    field = _STOP_FIELD.get(word)
+    return code if field is None else code + (1 << field * _FIELD_BITS)
+
+
+_LETTER_WORD = 1 + (1 << _FIELD_BITS) + (1 << 3 * _FIELD_BITS)  # one word, non-symbol, alphabetic
+_STOP_CODE = {w: 1 << f * _FIELD_BITS for w, f in _STOP_FIELD.items()}
+
+
+def _code_chunks(chunks: set[str]) -> None:
+    """Pack each chunk's word counts in one integer, a field each (`WordCounts` reads them back): words
     with a character outside PUNCTUATION_SET, words with a letter, the total length of the former, all
-    words, and each stop word."""
-    code = len(tokens) << 3 * _FIELD_BITS
-    for word in tokens:
-        if word.isalpha() and not _PUNCT_ALPHA:  # most words: a letter makes it non-symbol and alphabetic
-            non_symbol = alpha = True
-        else:
-            non_symbol = any(ch not in PUNCTUATION_SET for ch in word)
-            alpha = any(ch.isalpha() for ch in word)
-        code += non_symbol + (alpha << _FIELD_BITS) + ((len(word) if non_symbol else 0) << 2 * _FIELD_BITS)
-        field = _STOP_FIELD.get(word)
-        if field is not None:
-            code += 1 << field * _FIELD_BITS
-    return code
+    words, and each stop word. A chunk of letters that is one word (most new chunks) is coded without a
+    loop over its words."""
+    tokens, codes, stop = _CHUNK_TOKENS, _CHUNK_COUNTS, _STOP_CODE
+    letters = [c for c in chunks if c.isalpha() and len(tokens[c]) == 1] if not _PUNCT_ALPHA else []
+    codes.update(zip(letters, [_LETTER_WORD + (len(c) << 2 * _FIELD_BITS) + stop.get(c, 0) for c in letters]))
+    others = list(chunks.difference(letters))
+    rest = [tokens[c] for c in others]
+    word_codes = _WORD_CODES
+    for word in set(chain.from_iterable(rest)).difference(word_codes):
+        word_codes[word] = _word_code(word)
+    shift, get = 3 * _FIELD_BITS, word_codes.__getitem__
+    codes.update(zip(others, [(len(w) << shift) + sum(map(get, w)) for w in rest]))
 
 
 @dataclass(frozen=True)
@@ -709,7 +726,7 @@ class WordCounts:
 
 
 def word_counts(text: str) -> WordCounts:
-    """The document's word counts: one C-level sum of its chunks' packed counts (`_chunk_code`), each
+    """The document's word counts: one C-level sum of its chunks' packed counts (`_code_chunks`), each
     chunk coded once from its cached tokens."""
     chunks = text.split()
     try:
@@ -717,9 +734,7 @@ def word_counts(text: str) -> WordCounts:
     except KeyError:
         distinct = set(chunks)
         _ensure_tokens(distinct)  # may empty every cache, _CHUNK_COUNTS included
-        tokens = _CHUNK_TOKENS
-        for chunk in distinct.difference(_CHUNK_COUNTS):
-            _CHUNK_COUNTS[chunk] = _chunk_code(tokens[chunk])
+        _code_chunks(distinct.difference(_CHUNK_COUNTS))
         total = sum(map(_CHUNK_COUNTS.__getitem__, chunks))
     f = [total >> k * _FIELD_BITS & _FIELD_MASK for k in range(4 + len(STOP_WORDS))]
     return WordCounts(f[3], f[0], f[2], f[1], sum(map(bool, f[4:])))
