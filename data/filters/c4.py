@@ -18,7 +18,8 @@ from __future__ import annotations
 import re
 
 from data.config import C4Config
-from data.filters.text import count_sentences, tokenize_chunks
+from data.filters.text import count_sentences
+from data.filters.tokens import tokenize_chunks
 
 CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
 ELLIPSIS = "..."

@@ -7,7 +7,8 @@ import pytest
 
 from data.config import C4Config, FiltersConfig, FineWebConfig, GopherQualityConfig, GopherRepetitionConfig
 from data.filters import C4Lines, DocText, FilterChain, FineWebQuality, GopherQuality, GopherRepetition
-from data.filters.text import count_sentences, split_words
+from data.filters.text import count_sentences
+from data.filters.tokens import split_words
 
 PROSE = (
     "The history of the town is long and that is why the people of the valley have a museum with many "
@@ -173,18 +174,19 @@ VARIED = [
 
 
 def test_fast_tokenizer_equals_spacy_on_varied_text(monkeypatch):
-    """The fast path (canonical representatives, data/filters/text.py `_Canon`) gives spaCy's own tokens
+    """The fast path (canonical representatives, data/filters/tokens.py `_Canon`) gives spaCy's own tokens
     for every chunk of a varied corpus, and the filters decide the same with it as with spaCy per chunk."""
     from data.filters import text as ft
+    from data.filters import tokens as tk
     from data.samples import mixed_corpus
 
     docs = VARIED + mixed_corpus(300)
     chunks = list(dict.fromkeys(c for d in docs for c in d.split()))
     ft.clear_caches()
-    differ = [c for c in chunks if ft.chunk_tokens(c) != ft.spacy_chunk_tokens(c)]
+    differ = [c for c in chunks if tk.chunk_tokens(c) != tk.spacy_chunk_tokens(c)]
     assert differ == []
     # The fast path did the work: far fewer spaCy calls than distinct chunks (real text: ~0.35-0.5).
-    assert len(ft._SPANS) < 0.8 * len(chunks), (len(ft._SPANS), len(chunks))
+    assert len(tk._SPANS) < 0.8 * len(chunks), (len(tk._SPANS), len(chunks))
 
     cfg = FiltersConfig()
     cfg.gopher_repetition.enabled = cfg.gopher_quality.enabled = cfg.c4.enabled = cfg.fineweb.enabled = True
@@ -199,7 +201,7 @@ def test_fast_tokenizer_equals_spacy_on_varied_text(monkeypatch):
     ft.clear_caches()
     fast = decide()
     ft.clear_caches()
-    monkeypatch.setattr(ft, "chunk_tokens", ft.spacy_chunk_tokens)
+    monkeypatch.setattr(ft, "chunk_tokens", tk.spacy_chunk_tokens)
     assert decide() == fast
     kept = sum(r[1] is None for r in fast[: len(docs)])
     assert 0 < kept < len(docs)  # both outcomes exercised
@@ -250,11 +252,12 @@ def test_gopher_repetition_ngram_fractions_equal_datatrove():
 
 
 def test_batched_spacy_call_equals_one_call_per_chunk():
-    """New chunks go through spaCy in one call per document (data/filters/text.py `_learn_spans`); its
+    """New chunks go through spaCy in one call per document (data/filters/tokens.py `_learn_spans`); its
     special-case matcher works across tokens (":(" from ":" and "("), so neighbouring chunks must not
     shadow each other's special cases. Every ordered pair of emoticon-like chunks, tokenized together,
     gives each chunk's own tokens."""
     from data.filters import text as ft
+    from data.filters import tokens as tk
 
     pieces = [
         "ban:",
@@ -276,16 +279,16 @@ def test_batched_spacy_call_equals_one_call_per_chunk():
     ]
     pairs = [(a, b) for a in pieces for b in pieces if a != b]
     for a, b in pairs:
-        ft._SPANS.clear()
-        ft._learn_spans([a, b])
+        tk._SPANS.clear()
+        tk._learn_spans([a, b])
         for chunk in (a, b):
-            starts, stops, _ = ft._SPANS[chunk]
-            assert tuple(chunk[i:j] for i, j in zip(starts, stops)) == ft.spacy_chunk_tokens(chunk), (a, b)
+            starts, stops, _ = tk._SPANS[chunk]
+            assert tuple(chunk[i:j] for i, j in zip(starts, stops)) == tk.spacy_chunk_tokens(chunk), (a, b)
     # The flag that sends a chunk back to spaCy: a token boundary between two letters ("ca|n't"), in
     # the middle and at the end of a batch, and not elsewhere.
-    ft._SPANS.clear()
-    ft._learn_spans(["can't", "ban:", "x", "don't"])
-    assert {k: v[2] for k, v in ft._SPANS.items()} == {
+    tk._SPANS.clear()
+    tk._learn_spans(["can't", "ban:", "x", "don't"])
+    assert {k: v[2] for k, v in tk._SPANS.items()} == {
         "can't": True,
         "ban:": False,
         "x": False,
@@ -299,31 +302,31 @@ def test_always_contains_reads_the_pattern():
     ".")`, and the letters-only fast path on `_always_contains(rule, not a letter)`."""
     import re
 
-    from data.filters import text as ft
+    from data.filters import tokens as tk
 
     dot, colon = ".".__eq__, ":".__eq__
-    assert ft._always_contains(re.compile(r"a\.b"), dot)
-    assert ft._always_contains(re.compile(r"(?:x\.)+y|[.]z"), dot)
-    assert not ft._always_contains(re.compile(r"a|b\."), dot)
-    assert not ft._always_contains(re.compile(r"(?:x\.)*y"), dot)
-    assert not ft._always_contains(re.compile(r"[.,]"), dot)
-    assert ft._always_contains(ft._tokenizer().url_match.__self__, dot)
-    assert not ft._always_contains(ft._tokenizer().url_match.__self__, colon)
+    assert tk._always_contains(re.compile(r"a\.b"), dot)
+    assert tk._always_contains(re.compile(r"(?:x\.)+y|[.]z"), dot)
+    assert not tk._always_contains(re.compile(r"a|b\."), dot)
+    assert not tk._always_contains(re.compile(r"(?:x\.)*y"), dot)
+    assert not tk._always_contains(re.compile(r"[.,]"), dot)
+    assert tk._always_contains(tk._tokenizer().url_match.__self__, dot)
+    assert not tk._always_contains(tk._tokenizer().url_match.__self__, colon)
 
     # Sets and lookarounds: what a lookaround asserts lies in the string too; \w, \d and negated sets
     # say nothing; case folding makes a literal stand for others.
     def non_letter(ch):
         return not ch.isalpha()
 
-    assert ft._always_contains(re.compile(r"(?<=[0-9])(?:km|kg)"), non_letter)
-    assert ft._always_contains(re.compile(r"[a-z](?=[-+])"), non_letter)
-    assert not ft._always_contains(re.compile(r"(?<![0-9])km"), non_letter)
-    assert not ft._always_contains(re.compile(r"(?<=\d)km"), non_letter)
-    assert not ft._always_contains(re.compile(r"[^a-z]x"), non_letter)
-    assert not ft._always_contains(re.compile(r"[0-9a]"), non_letter)
-    assert not ft._always_contains(re.compile(r"\.", re.IGNORECASE), dot)
+    assert tk._always_contains(re.compile(r"(?<=[0-9])(?:km|kg)"), non_letter)
+    assert tk._always_contains(re.compile(r"[a-z](?=[-+])"), non_letter)
+    assert not tk._always_contains(re.compile(r"(?<![0-9])km"), non_letter)
+    assert not tk._always_contains(re.compile(r"(?<=\d)km"), non_letter)
+    assert not tk._always_contains(re.compile(r"[^a-z]x"), non_letter)
+    assert not tk._always_contains(re.compile(r"[0-9a]"), non_letter)
+    assert not tk._always_contains(re.compile(r"\.", re.IGNORECASE), dot)
     # What the letters-only fast path rests on: no English affix, infix or URL rule can match letters.
-    assert ft._canon().letters_whole
+    assert tk._canon().letters_whole
 
 
 def test_tail_suffix_search_equals_full_search():
@@ -332,10 +335,10 @@ def test_tail_suffix_search_equals_full_search():
     infix and URL searches find the same matches too."""
     import random
 
-    from data.filters import text as ft
+    from data.filters import tokens as tk
 
-    pattern = ft._tokenizer().suffix_search.__self__
-    fast = ft._tail_search(pattern)
+    pattern = tk._tokenizer().suffix_search.__self__
+    fast = tk._tail_search(pattern)
     assert fast is not pattern.search  # the optimization applies to spaCy's English suffixes
     rng = random.Random(0)
     alphabet = "ab.,'s$%)]\"km5²°C…!?-" + "\u0430\u4e00"
@@ -347,8 +350,8 @@ def test_tail_suffix_search_equals_full_search():
         assert (a and a.span()) == (b and b.span()), s
     # The infix and URL shortcuts of the fast tokenizer (`_trigger`, the "." pre-check) find what the
     # unmodified patterns find, and do skip strings.
-    plain, quick = ft._tokenizer(), ft._fast_tokenizer()
-    assert ft._trigger(plain.infix_finditer.__self__) is not None
+    plain, quick = tk._tokenizer(), tk._fast_tokenizer()
+    assert tk._trigger(plain.infix_finditer.__self__) is not None
     chunks += ["a-b", "a--b", "x,y", "a.B", "1+2", "a:b", "a/b", "a…b", "x…", "a©b", "www.a.com", "a@b.org"]
     for s in chunks:
         spans = [m.span() for m in plain.infix_finditer(s)]
@@ -363,6 +366,7 @@ def test_word_counts_equal_counts_of_the_word_list(monkeypatch):
     text, each count equals the same count taken over `split_words`, also when the caches are emptied
     mid-document because they reached their size limit (a document's earlier chunks must not go missing)."""
     from data.filters import text as ft
+    from data.filters import tokens as tk
     from data.samples import mixed_corpus
 
     docs = VARIED + mixed_corpus(300) + [" ".join(["the of and to be that have with"] * 3 + ["the#"])]
@@ -383,8 +387,9 @@ def test_word_counts_equal_counts_of_the_word_list(monkeypatch):
     assert [ft.word_counts(d) for d in docs] == want
     assert want[-1].stop_words == 8 and sum(w.stop_words == 0 for w in want) > 0
     ft.clear_caches()
+    monkeypatch.setattr(tk, "_CACHE_LIMIT", 40)
     monkeypatch.setattr(ft, "_CACHE_LIMIT", 40)
     assert [ft.word_counts(d) for d in docs] == want
     assert [expected(d) for d in docs] == want
-    assert len(ft._CHUNK_TOKENS) < 40 + max(len(set(d.split())) for d in docs)
+    assert len(tk._CHUNK_TOKENS) < 40 + max(len(set(d.split())) for d in docs)
     ft.clear_caches()
