@@ -98,26 +98,31 @@ def _lines(text: str) -> list[str]:
 _BASE = 0x100000001B3  # odd, so invertible modulo 2^64
 _BASE_INV = pow(_BASE, -1, 1 << 64)
 _WORD_BASE = np.uint64(1_000_003)
-_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplying by it permutes the 64-bit values
+# Hashes are kept times _SCALE = an odd constant * 2^20: the low 20 bits are free to hold a position
+# (see _runs), and the multiplication moves differences in a polynomial hash's low bits (the last
+# character's) up into the bits kept.
+_POS_BITS = 20
+_SCALE = np.uint64((0x9E3779B97F4A7C15 << _POS_BITS) & ((1 << 64) - 1))
 _POWERS = (np.ones(1, np.uint64), np.ones(1, np.uint64))
 
 
 def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(B^k, B^-k) mod 2^64 for k < at least n (uint64 products wrap), kept across documents."""
+    """(_SCALE * B^k, B^-k) mod 2^64 for k < at least n (uint64 products wrap), kept across documents."""
     global _POWERS
     if len(_POWERS[0]) < n:
         size = max(n, 2 * len(_POWERS[0]), 1 << 14)
         pw, ipw = np.full(size, _BASE, np.uint64), np.full(size, _BASE_INV, np.uint64)
         pw[0] = ipw[0] = 1
-        _POWERS = (np.cumprod(pw), np.cumprod(ipw))
+        _POWERS = (np.cumprod(pw) * _SCALE, np.cumprod(ipw))
     return _POWERS
 
 
 def _char_prefix(words: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(csum, q, pw) over the words concatenated without spaces: word a..b-1 spans characters
-    csum[a]..csum[b]-1, and that span's 64-bit polynomial hash is B^(e-1) * (q[e] - q[a]) mod 2^64 with
-    q the prefix sums of c_j * B^-j (equal strings, equal hashes). The word boundaries come from the
-    spaces of " ".join(words), one encode for the whole document instead of a len() per word."""
+    csum[a]..csum[b]-1, and the 64-bit polynomial hash of characters a..e-1 is pw[e-1] * (q[e] - q[a])
+    mod 2^64, with q the prefix sums of c_j * B^-j and pw[k] = _SCALE * B^k (equal strings, equal
+    hashes). The word boundaries come from the spaces of " ".join(words): one encode for the whole
+    document instead of a len() per word."""
     n_words = len(words)
     codes = np.frombuffer(" ".join(words).encode("utf-32-le", "surrogatepass"), np.uint32)
     space = codes == 32
@@ -138,49 +143,64 @@ def _char_prefix(words: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return csum, q, pw
 
 
-def _span_hashes(q: np.ndarray, pw: np.ndarray, a: np.ndarray, e: np.ndarray) -> np.ndarray:
-    """Polynomial hash of the characters a..e-1 (any shape)."""
-    return (q[e] - q[a]) * pw[e - 1]
-
-
-def _runs(h: np.ndarray, at: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sort each row of h (rows, k), the hashes of the n-grams at positions `at` (k,), by hash and then
-    position, and find the runs of equal hashes. The position fills the key's low `bits` bits, so one
-    plain sort (far cheaper than an argsort) does both; the hash, times an odd constant, keeps the
-    rest. Returns, in sorted order, (the positions, whether each starts its run, the size of its run),
-    each (rows, k)."""
+def _runs(h: np.ndarray, at: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sort each row of h (rows, k; sorted in place), hashes times _SCALE of the n-grams at positions
+    `at` (k,), by hash and then position, and find the runs of equal hashes. The position fills the
+    key's low `bits` bits, so one plain sort (far cheaper than an argsort) does both. Returns, in sorted
+    order, (the positions, whether each starts its run), each (rows, k)."""
     rows, k = h.shape
     low = np.uint64((1 << bits) - 1)
-    key = h * _MIX  # a polynomial hash differs in its low bits when the last character does: lift them
-    key &= ~low
-    key |= at.astype(np.uint64)
-    key.sort(axis=1)
-    pos = (key & low).astype(np.int64)
-    key >>= np.uint64(bits)
-    start = np.ones((rows, k), bool)
-    np.not_equal(key[:, 1:], key[:, :-1], out=start[:, 1:])
+    if bits > _POS_BITS:  # over 2^20 words: the hash gives up more bits
+        h &= ~low
+    h |= at
+    h.sort(axis=1)
+    pos = h & low
+    h >>= np.uint64(bits)
+    start = np.empty((rows, k), bool)
+    start[:, 0] = True
+    np.not_equal(h[:, 1:], h[:, :-1], out=start[:, 1:])
+    return pos, start
+
+
+def _run_sizes(start: np.ndarray) -> np.ndarray:
+    """The size of each element's run, from the run starts (rows, k) of _runs."""
+    rows, k = start.shape
     starts = np.flatnonzero(start)
     sizes = np.empty_like(starts)
     np.subtract(starts[1:], starts[:-1], out=sizes[:-1])
     sizes[-1] = rows * k - starts[-1]
-    return pos, start, np.repeat(sizes, sizes).reshape(rows, k)
+    return np.repeat(sizes, sizes).reshape(rows, k)
 
 
-def _word_gram_rows(ids: np.ndarray, ns: list[int]) -> np.ndarray:
-    """(len(ns), len(ids)) uint64: row r, the polynomial hash of the ns[r] word ids at each position
-    (h_n = h_(n-1) * B + ids[n - 1:]). Past the last word come distinct filler ids, so the positions
-    past the last n-gram do not repeat the hashes of real n-grams."""
-    n_words = len(ids)
-    ids = np.concatenate([ids, np.arange(1, ns[-1], dtype=np.uint64) * _MIX])
-    out = np.empty((len(ns), n_words), np.uint64)
-    h, k = ids[:n_words], 1
-    for r, n in enumerate(ns):
-        while k < n:
-            h = np.multiply(h, _WORD_BASE, out=out[r])
-            h += ids[k : k + n_words]
-            k += 1
-        out[r] = h
-    return out
+def _gram_hashes(
+    csum: np.ndarray, q: np.ndarray, pw: np.ndarray, top: list[int], dups: list[int]
+) -> np.ndarray:
+    """(len(top) + len(dups), n_words) uint64, hashes times _SCALE of the n-grams at each position. Top
+    rows: the words as a tuple, a polynomial in word ids (each word's character hash; h_n = h_(n-1) *
+    B + ids[n - 1:]), with distinct filler ids past the last word. Duplicate rows: the characters of the
+    words concatenated, cut at the last word (positions past the last n-gram are never used)."""
+    n_words = len(csum) - 1
+    qe, pe = q[csum], pw[csum - 1]  # at word boundary e: q[e], and pw[e - 1] (times 0 where e is 0)
+    qa = qe[:n_words]
+    h = np.empty((len(top) + len(dups), n_words), np.uint64)
+    if dups:
+        e = np.minimum(np.arange(n_words) + np.array(dups)[:, None], n_words)  # (len(dups), n_words)
+        np.subtract(qe[e], qa, out=h[len(top) :])
+        h[len(top) :] *= pe[e]
+    if top:
+        ids = np.empty(n_words + top[-1] - 1, np.uint64)
+        np.subtract(qe[1 : n_words + 1], qa, out=ids[:n_words])
+        ids[:n_words] *= pe[1 : n_words + 1]
+        ids[n_words:] = np.arange(1, top[-1], dtype=np.uint64) * _SCALE
+        g, k = ids[:n_words], 1
+        for r, n in enumerate(top):
+            while k < n:
+                g = np.multiply(g, _WORD_BASE, out=h[r])
+                g += ids[k : k + n_words]
+                k += 1
+            if k == 1:
+                h[r] = g
+    return h
 
 
 def _top_exact(words: list[str], n: int) -> tuple[int, int]:
@@ -228,25 +248,20 @@ class GopherRepetition:
         # calls (a call costs about as much as sorting a hundred hashes).
         n_words, t = len(words), len(top)
         csum, q, pw = _char_prefix(words)
-        # The characters of words p..p+n-1 (cut at the last word; those positions are ignored): each
-        # word alone (n = 1) when the top rule needs word ids, then the duplicate rule's n.
-        ns = np.array([1] * bool(top) + [n for n, _ in dups], np.int64)[:, None]
-        at = np.arange(n_words)
-        h = _span_hashes(q, pw, csum[:-1], csum[np.minimum(at + ns, n_words)])
+        ns = [n for n, _ in dups]
+        h = _gram_hashes(csum, q, pw, [n for n, _ in top], ns)
+        pos, start = _runs(h, np.arange(n_words, dtype=np.uint64), max(n_words.bit_length(), _POS_BITS))
         if top:
-            h = np.concatenate([_word_gram_rows(h[0], [n for n, _ in top]), h[1:]])
-        pos, start, size = _runs(h, at, n_words.bit_length())
-        if top:
-            reason = self._top_grams(words, csum, len(text), top, pos[:t], start[:t], size[:t])
+            reason = self._top_grams(words, csum, len(text), top, pos[:t], start[:t])
             if reason:
                 return reason
         if dups:
-            ns = ns[bool(top) :]
-            return self._dup_grams(words, csum, len(text), dups, ns, pos[t:], start[t:], size[t:])
+            ns = np.array(ns, np.uint64)[:, None]
+            return self._dup_grams(words, csum, len(text), dups, ns, pos[t:], start[t:])
         return None
 
     @staticmethod
-    def _top_grams(words, csum, n_chars, top, pos, start, size) -> str | None:
+    def _top_grams(words, csum, n_chars, top, pos, start) -> str | None:
         # Table A1: top 2/3/4-gram character fraction 0.20/0.18/0.16. The n-gram string is the words
         # joined by spaces; datatrove takes the first most frequent one (Counter.most_common(1)): among
         # the n-grams with the highest count, the one seen first, i.e. the run of that size whose first
@@ -254,6 +269,7 @@ class GopherRepetition:
         # the winning run's n-grams are compared as words, and a collision falls back to counting the
         # n-grams themselves.
         n_words = len(words)
+        size = _run_sizes(start)
         best = size.max(1)
         first = np.where(start & (size == best[:, None]), pos, n_words).argmin(1).tolist()
         for r, (n, frac) in enumerate(top):
@@ -270,7 +286,7 @@ class GopherRepetition:
         return None
 
     @staticmethod
-    def _dup_grams(words, csum, n_chars, dups, ns, pos, start, size) -> str | None:
+    def _dup_grams(words, csum, n_chars, dups, ns, pos, start) -> str | None:
         # Table A1: duplicate 5..10-gram character fraction 0.15..0.10: characters of n-grams (words
         # joined without spaces) seen before, scanning left to right and skipping a matched n-gram
         # (datatrove `find_all_duplicate`). Only positions whose n-gram occurs twice can match, so the
@@ -283,7 +299,7 @@ class GopherRepetition:
         # above, and most rows need no scan. Words covered: +1 where such an n-gram starts, -1 after
         # it (one start and one end per position and row), summed along the row.
         rows, width = pos.shape[0], n_words + 1
-        first = pos + np.arange(0, rows * width, width)[:, None]  # flat index into (rows, width)
+        first = pos + np.arange(0, rows * width, width, dtype=np.uint64)[:, None]  # flat, (rows, width)
         later = valid & ~start
         edges = np.zeros((rows, width), np.int32)
         flat = edges.reshape(-1)
@@ -297,7 +313,9 @@ class GopherRepetition:
             limit = frac * n_chars
             seen: set[str] = set()
             repeated, frontier = 0, 0
-            for p in np.sort(pos[r, valid[r] & (size[r] > 1)]).tolist():
+            repeats = ~start[r]  # in a run of two or more: not a start, or followed by a non-start
+            repeats[:-1] |= repeats[1:]
+            for p in np.sort(pos[r, valid[r] & repeats]).tolist():
                 if p < frontier:
                     continue
                 gram = "".join(words[p : p + n])
