@@ -294,21 +294,28 @@ class GopherRepetition:
         # first visited one entered the seen set), and a match skips the next n - 1 positions.
         n_words = len(words)
         valid = pos <= n_words - ns  # later positions hashed fewer than n words: never scanned
-        # A match has an earlier equal n-gram, so it does not start its run, and matched n-grams do not
-        # overlap: the characters of the words under the other members of the runs bound the count from
-        # above, and most rows need no scan. Words covered: +1 where such an n-gram starts, -1 after
-        # it (one start and one end per position and row), summed along the row.
-        rows, width = pos.shape[0], n_words + 1
-        first = pos + np.arange(0, rows * width, width, dtype=np.uint64)[:, None]  # flat, (rows, width)
-        later = valid & ~start
-        edges = np.zeros((rows, width), np.int32)
-        flat = edges.reshape(-1)
-        flat[first[later]] += 1
-        flat[(first + ns)[later]] -= 1
-        bound = ((edges[:, :-1].cumsum(1) > 0) @ (csum[1:] - csum[:-1])).tolist()
+        # A match has an earlier equal n-gram, so it does not start its run: the characters of the other
+        # members of the runs bound the count from above, and most rows need no scan. Where that bound
+        # passes the threshold, a tighter one: matched n-grams do not overlap, so the characters of the
+        # words they cover (+1 where such an n-gram starts, -1 after it, summed along the row).
+        later = np.flatnonzero(valid & ~start)
+        if not len(later):
+            return None
+        row = later // n_words
+        p, n = pos.reshape(-1)[later].astype(np.int64), ns.reshape(-1).astype(np.int64)[row]
+        bound = np.bincount(row, csum[p + n] - csum[p], len(dups)).tolist()
+        over = [bound[r] / n_chars > frac for r, (_, frac) in enumerate(dups)]
+        if not any(over):
+            return None
+        width = n_words + 1
+        edges = np.zeros(len(dups) * width, np.int32)
+        edges[row * width + p] += 1
+        edges[row * width + p + n] -= 1
+        covered = edges.reshape(len(dups), width)[:, :-1].cumsum(1) > 0
+        bound = (covered @ (csum[1:] - csum[:-1])).tolist()
         cl = csum.tolist()
         for r, (n, frac) in enumerate(dups):
-            if bound[r] / n_chars <= frac:
+            if not over[r] or bound[r] / n_chars <= frac:
                 continue
             limit = frac * n_chars
             seen: set[str] = set()
