@@ -3,6 +3,7 @@ datatrove 0.10.1 (the reference, in the `ref`/`dev` extras) on real text."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from data.config import C4Config, FiltersConfig, FineWebConfig, GopherQualityConfig, GopherRepetitionConfig
@@ -207,11 +208,23 @@ def test_fast_tokenizer_equals_spacy_on_varied_text(monkeypatch):
     assert 0 < kept < len(docs)  # both outcomes exercised
 
 
-def test_gopher_repetition_ngram_fractions_equal_datatrove():
+@pytest.mark.parametrize("collide", [False, True])
+def test_gopher_repetition_ngram_fractions_equal_datatrove(monkeypatch, collide):
     """GopherRepetition's n-gram measures equal datatrove's own functions to the last character: on
     repetitive random documents (including words whose concatenations collide, ("ab", "c") vs ("a",
     "bc"), which datatrove's duplicate n-grams count as equal), a threshold a hair below datatrove's
-    value drops the document for that rule and a hair above keeps it, for every n."""
+    value drops the document for that rule and a hair above keeps it, for every n. With collide, every
+    word and n-gram hash is 0: hashes only pick candidates, the words themselves decide."""
+    if collide:
+        from data.filters import gopher
+
+        prefix = gopher._char_prefix
+
+        def zero_prefix(words):  # every character hash, hence every word and n-gram hash, is 0
+            csum, q, pw = prefix(words)
+            return csum, np.zeros_like(q), pw
+
+        monkeypatch.setattr(gopher, "_char_prefix", zero_prefix)
     grf = pytest.importorskip(
         "datatrove.pipeline.filters.gopher_repetition_filter",
         reason="datatrove (the `ref` extra) not installed",
@@ -249,6 +262,38 @@ def test_gopher_repetition_ngram_fractions_equal_datatrove():
                 assert got == expect, (n, value, eps, text)
             checked += 1
     assert checked > 500
+
+
+def test_gopher_paragraphs_and_lines_equal_datatrove_regex():
+    """The str.split paragraphs and lines (data/filters/gopher.py) are datatrove's regex splits,
+    re.split(r"\n{2,}", text.strip()) and re.split("\n+", text), element for element, on every string
+    of up to 8 characters over "a", "\n", "\r", " " (runs of 1..8 newlines, leading and trailing ones,
+    "\r\n", whitespace-only text), and _duplicates counts as datatrove's find_duplicates."""
+    import itertools
+    import re
+
+    from data.filters import gopher
+
+    def find_duplicates(items):  # datatrove gopher_repetition_filter.find_duplicates
+        seen, n, chars = set(), 0, 0
+        for x in items:
+            if x in seen:
+                n, chars = n + 1, chars + len(x)
+            else:
+                seen.add(x)
+        return n, chars
+
+    checked = 0
+    for size in range(1, 9):
+        for chars in itertools.product("a\n\r ", repeat=size):
+            text = "".join(chars)
+            paragraphs, lines = gopher._paragraphs(text), gopher._lines(text)
+            assert paragraphs == re.split(r"\n{2,}", text.strip()), repr(text)
+            assert lines == re.split("\n+", text), repr(text)
+            assert gopher._duplicates(lines) == find_duplicates(lines), repr(text)
+            checked += 1
+    assert checked == sum(4**k for k in range(1, 9))
+    assert gopher._duplicates(["x", "", "ab", "x", "", "ab", "x"]) == (4, 4)
 
 
 def test_batched_spacy_call_equals_one_call_per_chunk():
