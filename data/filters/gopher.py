@@ -113,21 +113,14 @@ def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
     return _POWERS
 
 
-def _char_prefix(words: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(csum, q, pw) over the words concatenated without spaces: word a..b-1 spans characters
-    csum[a]..csum[b]-1, and the 64-bit polynomial hash of characters a..e-1 is pw[e-1] * (q[e] - q[a])
-    mod 2^64, with q the prefix sums of c_j * B^-j and pw[k] = _SCALE * B^k (equal strings, equal
-    hashes). The word boundaries come from the spaces of " ".join(words): one encode for the whole
-    document instead of a len() per word."""
-    n_words = len(words)
-    codes = np.frombuffer(" ".join(words).encode("utf-32-le", "surrogatepass"), np.uint32)
+def _char_prefix(spaced: str, n_words: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(csum, q, pw) over the words concatenated without spaces, from the words joined by spaces (words
+    hold no whitespace): word a..b-1 spans characters csum[a]..csum[b]-1, and the 64-bit polynomial hash
+    of characters a..e-1 is pw[e-1] * (q[e] - q[a]) mod 2^64, with q the prefix sums of c_j * B^-j and
+    pw[k] = _SCALE * B^k (equal strings, equal hashes). One encode for the whole document."""
+    codes = np.frombuffer(spaced.encode("utf-32-le", "surrogatepass"), np.uint32)
     space = codes == 32
     cuts = np.flatnonzero(space)
-    if len(cuts) != n_words - 1:  # a word holds a space: the separators from the word lengths
-        lens = np.fromiter(map(len, words), np.int64, n_words)
-        cuts = np.cumsum(lens[:-1] + 1) - 1
-        space = np.zeros(len(codes), bool)
-        space[cuts] = True
     codes = codes[~space] + np.uint64(1)  # no character hashes to 0
     length = len(codes)
     csum = np.empty(n_words + 1, np.int64)
@@ -199,9 +192,10 @@ def _gram_hashes(
     return h
 
 
-def _top_exact(words: list[str], n: int) -> tuple[int, int]:
+def _top_exact(spaced: str, n: int) -> tuple[int, int]:
     """(count, first position) of the first most frequent n-gram, by Counter (datatrove
     `find_top_duplicate`); the fallback when word hashes collide."""
+    words = spaced.split(" ")
     grams = list(zip(*(words[k:] for k in range(n))))
     gram, top = Counter(grams).most_common(1)[0]
     return top, grams.index(gram)
@@ -235,60 +229,65 @@ class GopherRepetition:
         if c.dup_line_char_frac and chars / len(text) > c.dup_line_char_frac:
             return "dup_line_char_frac"
 
-        words = doc.words
-        top = [(n, f) for n, f in self.top if n <= len(words)]
-        dups = [(n, f) for n, f in self.dup if n <= len(words)]
+        # The words (datatrove split_into_words) as one string joined by spaces: cached per chunk, and
+        # all the n-gram rules need of them (an n-gram joined by spaces is a slice of it).
+        spaced = doc.spaced
+        n_words = spaced.count(" ") + 1 if spaced else 0
+        top = [(n, f) for n, f in self.top if n <= n_words]
+        dups = [(n, f) for n, f in self.dup if n <= n_words]
         if not top and not dups:
             return None
         # Every n-gram hash of both rule sets, one row per n, sorted in one call: fewer, larger numpy
         # calls (a call costs about as much as sorting a hundred hashes).
-        n_words, t = len(words), len(top)
-        csum, q, pw = _char_prefix(words)
+        t = len(top)
+        csum, q, pw = _char_prefix(spaced, n_words)
         ns = [n for n, _ in dups]
         h = _gram_hashes(csum, q, pw, [n for n, _ in top], ns)
         pos, start = _runs(h, np.arange(n_words, dtype=np.uint64), max(n_words.bit_length(), _POS_BITS))
         if top:
-            reason = self._top_grams(words, csum, len(text), top, pos[:t], start[:t])
+            reason = self._top_grams(spaced, csum, len(text), top, pos[:t], start[:t])
             if reason:
                 return reason
         if dups:
             ns = np.array(ns, np.uint64)[:, None]
-            return self._dup_grams(words, csum, len(text), dups, ns, pos[t:], start[t:])
+            return self._dup_grams(spaced, csum, len(text), dups, ns, pos[t:], start[t:])
         return None
 
     @staticmethod
-    def _top_grams(words, csum, n_chars, top, pos, start) -> str | None:
+    def _top_grams(spaced, csum, n_chars, top, pos, start) -> str | None:
         # Table A1: top 2/3/4-gram character fraction 0.20/0.18/0.16. The n-gram string is the words
         # joined by spaces; datatrove takes the first most frequent one (Counter.most_common(1)): among
         # the n-grams with the highest count, the one seen first, i.e. the run of that size whose first
         # position is smallest (a run lists its positions in order). Word ids hash the word's characters;
         # the winning run's n-grams are compared as words, and a collision falls back to counting the
         # n-grams themselves.
-        n_words = len(words)
+        n_words = len(csum) - 1
         size = _run_sizes(start)
         best = size.max(1)
         first = np.where(start & (size == best[:, None]), pos, n_words).argmin(1).tolist()
+        # Word k starts at (characters before it) + k in `spaced`; n-gram i is spaced[at[i]:at[i+n]-1].
+        at = (csum + np.arange(n_words + 1)).tolist()
         for r, (n, frac) in enumerate(top):
             count, i = int(best[r]), 0  # every n-gram occurs once: Counter's first key, position 0
             if count > 1:
                 j = first[r]
                 i = int(pos[r, j])
-                gram = words[i : i + n]
-                if any(words[p : p + n] != gram for p in pos[r, j + 1 : j + count].tolist()):
-                    count, i = _top_exact(words, n)
+                gram = spaced[at[i] : at[i + n] - 1]
+                if any(spaced[at[p] : at[p + n] - 1] != gram for p in pos[r, j + 1 : j + count].tolist()):
+                    count, i = _top_exact(spaced, n)
             chars = int(csum[i + n] - csum[i]) + (n - 1)
             if chars * count / n_chars > frac:
                 return f"top_{n}_gram"
         return None
 
     @staticmethod
-    def _dup_grams(words, csum, n_chars, dups, ns, pos, start) -> str | None:
+    def _dup_grams(spaced, csum, n_chars, dups, ns, pos, start) -> str | None:
         # Table A1: duplicate 5..10-gram character fraction 0.15..0.10: characters of n-grams (words
         # joined without spaces) seen before, scanning left to right and skipping a matched n-gram
         # (datatrove `find_all_duplicate`). Only positions whose n-gram occurs twice can match, so the
         # scan visits just those, in order: an n-gram matches when an earlier equal one was visited (the
         # first visited one entered the seen set), and a match skips the next n - 1 positions.
-        n_words = len(words)
+        n_words = len(csum) - 1
         valid = pos <= n_words - ns  # later positions hashed fewer than n words: never scanned
         # A match has an earlier equal n-gram, so it does not start its run: the characters of the other
         # members of the runs bound the count from above, and most rows need no scan. Where that bound
@@ -310,6 +309,7 @@ class GopherRepetition:
         covered = edges.reshape(len(dups), width)[:, :-1].cumsum(1) > 0
         bound = (covered @ (csum[1:] - csum[:-1])).tolist()
         cl = csum.tolist()
+        joined = spaced.replace(" ", "")  # the words concatenated: n-gram p is joined[cl[p]:cl[p + n]]
         for r, (n, frac) in enumerate(dups):
             if not over[r] or bound[r] / n_chars <= frac:
                 continue
@@ -321,7 +321,7 @@ class GopherRepetition:
             for p in np.sort(pos[r, valid[r] & repeats]).tolist():
                 if p < frontier:
                     continue
-                gram = "".join(words[p : p + n])
+                gram = joined[cl[p] : cl[p + n]]
                 if gram in seen:
                     repeated += cl[p + n] - cl[p]
                     if repeated > limit and repeated / n_chars > frac:

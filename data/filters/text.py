@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from itertools import chain
 
-from data.filters.tokens import chunk_tokens, clear_token_caches, ensure_tokens, split_words
+from data.filters.tokens import chunk_tokens, clear_token_caches, ensure_tokens, spaced_words
 
 # datatrove/utils/text.py PUNCTUATION (symbols, CJK brackets and C0/C1 control characters) and
 # TERMINAL_PUNCTUATION (sentence-final marks of many scripts), copied so decisions match datatrove's.
@@ -205,8 +205,9 @@ class DocText:
         self.text = text
 
     @cached_property
-    def words(self) -> list[str]:
-        return split_words(self.text)
+    def spaced(self) -> str:
+        """The words joined by " " (`spaced_words`), what GopherRepetition hashes."""
+        return spaced_words(self.text)
 
     @cached_property
     def counts(self) -> WordCounts:

@@ -180,6 +180,7 @@ def _fast_tokenizer():
 
 
 _CHUNK_TOKENS: dict[str, tuple[str, ...]] = {}
+_SPACED: dict[str, str] = {}  # chunk -> its tokens joined by " " (filled with _CHUNK_TOKENS)
 _SPANS: dict[str, tuple[tuple[int, ...], tuple[int, ...], bool]] = {}
 _CACHE_LIMIT = 2_000_000
 _SEPARATOR = "\u2003"  # em space: see _learn_spans
@@ -535,6 +536,8 @@ def ensure_tokens(chunks: set[str]) -> dict[str, tuple[str, ...]]:
             clear_token_caches()
             new = chunks
         _tokenize_new(new)
+        new = list(new)
+        _SPACED.update(zip(new, map(" ".join, map(_CHUNK_TOKENS.__getitem__, new))))
     return _CHUNK_TOKENS
 
 
@@ -552,6 +555,7 @@ def chunk_tokens(chunk: str) -> tuple[str, ...]:
 def clear_token_caches() -> None:
     """Forget every cached chunk and representative."""
     _CHUNK_TOKENS.clear()
+    _SPACED.clear()
     _SPANS.clear()
 
 
@@ -563,6 +567,18 @@ def split_words(text: str) -> list[str]:
         ensure_tokens(set(chunks))
         toks = list(map(_CHUNK_TOKENS.__getitem__, chunks))
     return list(chain.from_iterable(toks))
+
+
+def spaced_words(text: str) -> str:
+    """ " ".join(split_words(text)) without the word list: each chunk's tokens joined by spaces are cached
+    with its tokens, so a document's is one C-level join (tokens hold no whitespace, so splitting it at
+    " " gives the words back)."""
+    chunks = text.split()
+    try:
+        return " ".join(map(_SPACED.__getitem__, chunks))
+    except KeyError:
+        ensure_tokens(set(chunks))
+        return " ".join(map(_SPACED.__getitem__, chunks))
 
 
 def tokenize_chunks(text: str) -> None:

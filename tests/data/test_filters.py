@@ -220,8 +220,8 @@ def test_gopher_repetition_ngram_fractions_equal_datatrove(monkeypatch, collide)
 
         prefix = gopher._char_prefix
 
-        def zero_prefix(words):  # every character hash, hence every word and n-gram hash, is 0
-            csum, q, pw = prefix(words)
+        def zero_prefix(spaced, n_words):  # every character hash, hence every word and n-gram hash, is 0
+            csum, q, pw = prefix(spaced, n_words)
             return csum, np.zeros_like(q), pw
 
         monkeypatch.setattr(gopher, "_char_prefix", zero_prefix)
@@ -407,9 +407,10 @@ def test_tail_suffix_search_equals_full_search():
 
 
 def test_word_counts_equal_counts_of_the_word_list(monkeypatch):
-    """GopherQuality reads per-chunk packed counts (`word_counts`), not the word list: on real and varied
-    text, each count equals the same count taken over `split_words`, also when the caches are emptied
-    mid-document because they reached their size limit (a document's earlier chunks must not go missing)."""
+    """GopherQuality reads per-chunk packed counts (`word_counts`) and GopherRepetition the words joined
+    by spaces (`spaced_words`), not the word list: on real and varied text, each equals the same taken
+    over `split_words`, also when the caches are emptied mid-document because they reached their size
+    limit (a document's earlier chunks must not go missing)."""
     from data.filters import text as ft
     from data.filters import tokens as tk
     from data.samples import mixed_corpus
@@ -430,11 +431,13 @@ def test_word_counts_equal_counts_of_the_word_list(monkeypatch):
     ft.clear_caches()
     want = [expected(d) for d in docs]
     assert [ft.word_counts(d) for d in docs] == want
+    assert [tk.spaced_words(d) for d in docs] == [" ".join(split_words(d)) for d in docs]
     assert want[-1].stop_words == 8 and sum(w.stop_words == 0 for w in want) > 0
     ft.clear_caches()
     monkeypatch.setattr(tk, "_CACHE_LIMIT", 40)
     monkeypatch.setattr(ft, "_CACHE_LIMIT", 40)
     assert [ft.word_counts(d) for d in docs] == want
     assert [expected(d) for d in docs] == want
+    assert [tk.spaced_words(d) for d in docs] == [" ".join(split_words(d)) for d in docs]
     assert len(tk._CHUNK_TOKENS) < 40 + max(len(set(d.split())) for d in docs)
     ft.clear_caches()
