@@ -127,7 +127,7 @@ _PUNCT_ALPHA = any(ch.isalpha() for ch in PUNCTUATION_SET)  # False: a letter is
 
 
 def _word_code(word: str) -> int:
-    """One word's counts in the fields of `_chunk_code` (all but the word count)."""
+    """One word's counts in the fields of `_code_chunks` (all but the word count)."""
     if word.isalpha() and not _PUNCT_ALPHA:  # most words: a letter makes it non-symbol and alphabetic
         non_symbol = alpha = True
     else:

@@ -29,6 +29,21 @@ def _tokenizer():
     return nlp.tokenizer
 
 
+def _set_members(items) -> frozenset[int] | None:
+    """The code points of a parsed `[...]` set's items, or None for a category (\\w) or a negation."""
+    from re import _constants as sc
+
+    out: set[int] = set()
+    for op, av in items:
+        if op is sc.LITERAL:
+            out.add(av)
+        elif op is sc.RANGE:
+            out.update(range(av[0], av[1] + 1))
+        else:
+            return None
+    return frozenset(out)
+
+
 def _last_chars(items) -> frozenset[int] | None:
     """The code points a match of the parsed sequence `items` can end with (its last item's literals and
     set members), or None where that is not a plain set (a category such as \\w, a negated set, an
@@ -41,15 +56,7 @@ def _last_chars(items) -> frozenset[int] | None:
     if op is sc.LITERAL:
         return frozenset([av])
     if op is sc.IN:
-        out: set[int] = set()
-        for sop, sav in av:
-            if sop is sc.LITERAL:
-                out.add(sav)
-            elif sop is sc.RANGE:
-                out.update(range(sav[0], sav[1] + 1))
-            else:
-                return None
-        return frozenset(out)
+        return _set_members(av)
     if op in (sc.MAX_REPEAT, sc.MIN_REPEAT, sc.POSSESSIVE_REPEAT) and av[0] >= 1:
         return _last_chars(list(av[2]))
     if op is sc.SUBPATTERN:
@@ -128,13 +135,10 @@ def _trigger(pattern: re.Pattern) -> frozenset[str] | None:
             if op is sc.LITERAL:
                 chars.add(av)
             elif op is sc.IN:
-                for sop, sav in av:
-                    if sop is sc.LITERAL:
-                        chars.add(sav)
-                    elif sop is sc.RANGE:
-                        chars.update(range(sav[0], sav[1] + 1))
-                    else:
-                        return False
+                members = _set_members(av)
+                if members is None:
+                    return False
+                chars.update(members)
             elif op is sc.BRANCH:
                 if not all(walk(b) for b in av[1]):
                     return False
@@ -263,18 +267,12 @@ def _always_contains(pattern: re.Pattern, ok: Callable[[str], bool]) -> bool:
     def seq(items) -> bool:
         return any(item(op, av) for op, av in items)
 
-    def member(op, av) -> bool:
-        if op is sc.LITERAL:
-            return ok(chr(av))
-        if op is sc.RANGE:
-            return all(ok(chr(x)) for x in range(av[0], av[1] + 1))
-        return False  # NEGATE, CATEGORY (\w, \d, ...)
-
     def item(op, av) -> bool:
         if op is sc.LITERAL:
             return ok(chr(av))
         if op is sc.IN:
-            return all(member(o, a) for o, a in av)
+            members = _set_members(av)  # None: a category (\w, \d, ...) or a negated set
+            return members is not None and all(ok(chr(x)) for x in members)
         if op is sc.SUBPATTERN:
             return seq(av[3])
         if op is sc.BRANCH:
