@@ -454,7 +454,6 @@ def _learn_spans(reps: list[str]) -> None:
     from spacy.attrs import IDX, LENGTH
 
     joined = _SEPARATOR.join(reps)
-    # Flat, then split: tolist() of the (n, 2) uint64 array was slower than the tokenizer call.
     flat = _fast_tokenizer()(joined).to_array([IDX, LENGTH]).astype(np.int64).ravel()
     idx, length = flat[0::2], flat[1::2]
     lens = np.fromiter(map(len, reps), np.int64, len(reps))
@@ -473,7 +472,7 @@ def _learn_spans(reps: list[str]) -> None:
     cut_at = rel != prev_stop  # a gap before the token (never seen: spaCy's tokens tile a chunk)
     inner = np.flatnonzero(~first)
     if len(inner):
-        codes = np.frombuffer(joined.encode("utf-32-le"), np.uint32)
+        codes = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), np.uint32)
         at = idx[inner]
         cut_at[inner] |= _isalnum_at(codes, at - 1) & _isalnum_at(codes, at)
     counts = np.bincount(rid, minlength=len(reps))
