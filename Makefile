@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine: `make run` (main job) and `make test` (whole suite).
-# The venv is (re)built only when missing or when pyproject.toml changed, so both are quiet on a re-run.
+# The venv is (re)built only when missing or when pyproject.toml or a C source changed, so both are quiet on a re-run.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -32,7 +32,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-$(STAMP): pyproject.toml | $(PY)
+$(STAMP): pyproject.toml $(wildcard data/filters/*.c) | $(PY)
 	$(PY) -m pip install -q "$(TORCH)"
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[dev]"
 	@touch $@
