@@ -12,9 +12,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
-from itertools import chain
 
 from data.filters.tokens import chunk_tokens, clear_token_caches, ensure_tokens, spaced_words
+
+try:
+    from data.filters import _wordcounts
+except ImportError as e:
+    raise ImportError(
+        "data/filters/_wordcounts.c is not compiled: reinstall with `pip install -e .` (`make` does it), "
+        "which builds the C extensions in place"
+    ) from e
 
 # datatrove/utils/text.py PUNCTUATION (symbols, CJK brackets and C0/C1 control characters) and
 # TERMINAL_PUNCTUATION (sentence-final marks of many scripts), copied so decisions match datatrove's.
@@ -118,45 +125,7 @@ def count_sentences(text: str) -> int:
 # Gopher's stop words (Rae et al. 2021, A.1.1: "the, be, to, of, and, that, have, with"), counted per chunk
 # with the other word counts so that GopherQuality never needs a document's word list.
 STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
-_STOP_FIELD = {w: 4 + k for k, w in enumerate(STOP_WORDS)}
-_FIELD_BITS = 32  # a field per count: a document under 4 GiB cannot carry into the next one
-_FIELD_MASK = (1 << _FIELD_BITS) - 1
-_CHUNK_COUNTS: dict[str, int] = {}
-_WORD_CODES: dict[str, int] = {}  # words (of chunks that are not one word of letters) -> _word_code
-_PUNCT_ALPHA = any(ch.isalpha() for ch in PUNCTUATION_SET)  # False: a letter is never a symbol
-
-
-def _word_code(word: str) -> int:
-    """One word's counts in the fields of `_code_chunks` (all but the word count)."""
-    if word.isalpha() and not _PUNCT_ALPHA:  # most words: a letter makes it non-symbol and alphabetic
-        non_symbol = alpha = True
-    else:
-        non_symbol = any(ch not in PUNCTUATION_SET for ch in word)
-        alpha = any(ch.isalpha() for ch in word)
-    code = non_symbol + (alpha << _FIELD_BITS) + ((len(word) if non_symbol else 0) << 2 * _FIELD_BITS)
-    field = _STOP_FIELD.get(word)
-    return code if field is None else code + (1 << field * _FIELD_BITS)
-
-
-_LETTER_WORD = 1 + (1 << _FIELD_BITS) + (1 << 3 * _FIELD_BITS)  # one word, non-symbol, alphabetic
-_STOP_CODE = {w: 1 << f * _FIELD_BITS for w, f in _STOP_FIELD.items()}
-
-
-def _code_chunks(chunks: set[str], tokens: dict[str, tuple[str, ...]]) -> None:
-    """Pack each chunk's word counts in one integer, a field each (`WordCounts` reads them back): words
-    with a character outside PUNCTUATION_SET, words with a letter, the total length of the former, all
-    words, and each stop word. A chunk of letters that is one word (most new chunks) is coded without a
-    loop over its words."""
-    codes, stop = _CHUNK_COUNTS, _STOP_CODE
-    letters = [c for c in chunks if c.isalpha() and len(tokens[c]) == 1] if not _PUNCT_ALPHA else []
-    codes.update(zip(letters, [_LETTER_WORD + (len(c) << 2 * _FIELD_BITS) + stop.get(c, 0) for c in letters]))
-    others = list(chunks.difference(letters))
-    rest = [tokens[c] for c in others]
-    word_codes = _WORD_CODES
-    for word in set(chain.from_iterable(rest)).difference(word_codes):
-        word_codes[word] = _word_code(word)
-    shift, get = 3 * _FIELD_BITS, word_codes.__getitem__
-    codes.update(zip(others, [(len(w) << shift) + sum(map(get, w)) for w in rest]))
+_CHUNK_COUNTS: dict[str, bytes] = {}  # chunk -> its counts, packed by data/filters/_wordcounts.c
 
 
 @dataclass(frozen=True)
@@ -171,22 +140,21 @@ class WordCounts:
     stop_words: int  # how many of STOP_WORDS occur
 
 
+def _tokens_of(chunks: list[str]) -> list[tuple[str, ...]]:
+    cache = ensure_tokens(set(chunks))
+    return list(map(cache.__getitem__, chunks))
+
+
+@lru_cache(maxsize=1)
+def _counter():
+    _wordcounts.setup("".join(PUNCTUATION_SET), STOP_WORDS)
+    return _wordcounts.count
+
+
 def word_counts(text: str) -> WordCounts:
-    """The document's word counts: one C-level sum of its chunks' packed counts (`_code_chunks`), each
-    chunk coded once from its cached tokens."""
-    chunks = text.split()
-    try:
-        total = sum(map(_CHUNK_COUNTS.__getitem__, chunks))
-    except KeyError:
-        distinct = set(chunks)
-        tokens = ensure_tokens(distinct)
-        if len(_CHUNK_COUNTS) + len(distinct) >= _CACHE_LIMIT:
-            _CHUNK_COUNTS.clear()
-            _WORD_CODES.clear()
-        _code_chunks(distinct.difference(_CHUNK_COUNTS), tokens)
-        total = sum(map(_CHUNK_COUNTS.__getitem__, chunks))
-    f = [total >> k * _FIELD_BITS & _FIELD_MASK for k in range(4 + len(STOP_WORDS))]
-    return WordCounts(f[3], f[0], f[2], f[1], sum(map(bool, f[4:])))
+    """The document's word counts, summed in C over its chunks' counts; a chunk's counts are computed
+    once, from its cached tokens (`_wordcounts.c`)."""
+    return WordCounts(*_counter()(text, _CHUNK_COUNTS, _tokens_of, _CACHE_LIMIT))
 
 
 def clear_caches() -> None:
@@ -195,7 +163,6 @@ def clear_caches() -> None:
     clear_token_caches()
     _STEPS.clear()
     _CHUNK_COUNTS.clear()
-    _WORD_CODES.clear()
 
 
 class DocText:

@@ -1,0 +1,219 @@
+/* GopherQuality's word counts of a document, summed from per-chunk counts in C (data/filters/text.py
+ * `word_counts`).
+ *
+ * A document's words (datatrove `split_into_words`, spaCy's English tokens) are its whitespace-separated
+ * chunks' tokens in order, so every count GopherQuality needs is a sum over chunks: words, words with a
+ * character outside PUNCTUATION_SET ("non-symbol"), their total length, words with a letter, and which
+ * stop words occur (a bit mask, OR-ed). Each chunk's counts are computed once from its tokens and kept in
+ * a dict (chunk -> 20 bytes). In Python, the per-document loop over chunks and the per-word checks were
+ * most of GopherQuality's time on unseen text; here a known chunk costs one dict lookup.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef struct {
+    uint32_t words, non_symbol, non_symbol_chars, alpha, stop_mask;
+} ChunkCounts;
+
+static Py_UCS4 *punct = NULL; /* PUNCTUATION_SET, sorted */
+static Py_ssize_t n_punct = 0;
+static unsigned char punct_ascii[128];
+static PyObject *stop_bits = NULL; /* dict: stop word -> its bit */
+
+static int is_punct(Py_UCS4 ch) {
+    if (ch < 128) return punct_ascii[ch];
+    Py_ssize_t lo = 0, hi = n_punct;
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        if (punct[mid] < ch) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo < n_punct && punct[lo] == ch;
+}
+
+static int cmp_ucs4(const void *a, const void *b) {
+    Py_UCS4 x = *(const Py_UCS4 *)a, y = *(const Py_UCS4 *)b;
+    return (x > y) - (x < y);
+}
+
+/* setup(punctuation: str, stop_words: tuple[str, ...]): the characters that make a word a symbol and
+ * the stop words (at most 32), once per process. */
+static PyObject *setup(PyObject *self, PyObject *args) {
+    PyObject *chars, *words;
+    if (!PyArg_ParseTuple(args, "UO!", &chars, &PyTuple_Type, &words)) return NULL;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(chars), nw = PyTuple_GET_SIZE(words);
+    if (nw > 32) {
+        PyErr_Format(PyExc_ValueError, "at most 32 stop words, got %zd", nw);
+        return NULL;
+    }
+    Py_UCS4 *buf = PyUnicode_AsUCS4Copy(chars);
+    if (!buf) return NULL;
+    qsort(buf, (size_t)n, sizeof(Py_UCS4), cmp_ucs4);
+    PyObject *bits = PyDict_New();
+    if (!bits) {
+        PyMem_Free(buf);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < nw; i++) {
+        PyObject *bit = PyLong_FromUnsignedLong(1UL << i);
+        if (!bit || PyDict_SetItem(bits, PyTuple_GET_ITEM(words, i), bit) < 0) {
+            Py_XDECREF(bit);
+            Py_DECREF(bits);
+            PyMem_Free(buf);
+            return NULL;
+        }
+        Py_DECREF(bit);
+    }
+    PyMem_Free(punct);
+    punct = buf;
+    n_punct = n;
+    memset(punct_ascii, 0, sizeof punct_ascii);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (buf[i] < 128) punct_ascii[buf[i]] = 1;
+    Py_XSETREF(stop_bits, bits);
+    Py_RETURN_NONE;
+}
+
+/* The counts of one chunk from its tokens (a tuple of str). */
+static int chunk_counts(PyObject *tokens, ChunkCounts *out) {
+    if (!PyTuple_Check(tokens)) {
+        PyErr_SetString(PyExc_TypeError, "tokenize must return a tuple of str per chunk");
+        return -1;
+    }
+    memset(out, 0, sizeof *out);
+    for (Py_ssize_t t = 0; t < PyTuple_GET_SIZE(tokens); t++) {
+        PyObject *word = PyTuple_GET_ITEM(tokens, t);
+        if (!PyUnicode_Check(word)) {
+            PyErr_SetString(PyExc_TypeError, "tokenize must return a tuple of str per chunk");
+            return -1;
+        }
+        Py_ssize_t len = PyUnicode_GET_LENGTH(word);
+        int kind = PyUnicode_KIND(word);
+        const void *data = PyUnicode_DATA(word);
+        int non_symbol = 0, alpha = 0;
+        for (Py_ssize_t i = 0; i < len && !(non_symbol && alpha); i++) {
+            Py_UCS4 ch = PyUnicode_READ(kind, data, i);
+            if (!non_symbol && !is_punct(ch)) non_symbol = 1;
+            if (!alpha && Py_UNICODE_ISALPHA(ch)) alpha = 1;
+        }
+        out->words += 1;
+        out->non_symbol += non_symbol;
+        out->non_symbol_chars += non_symbol ? (uint32_t)len : 0;
+        out->alpha += alpha;
+        PyObject *bit = PyDict_GetItemWithError(stop_bits, word);
+        if (bit) out->stop_mask |= (uint32_t)PyLong_AsUnsignedLong(bit);
+        else if (PyErr_Occurred()) return -1;
+    }
+    return 0;
+}
+
+static void add(uint64_t sum[4], uint32_t *mask, const ChunkCounts *c) {
+    sum[0] += c->words;
+    sum[1] += c->non_symbol;
+    sum[2] += c->non_symbol_chars;
+    sum[3] += c->alpha;
+    *mask |= c->stop_mask;
+}
+
+/* count(text, cache, tokenize, limit) -> (words, non_symbol, non_symbol_chars, alpha, stop words seen).
+ * cache: dict chunk -> counts (bytes), filled here; tokenize(list of chunks) -> their token tuples, called
+ * once per document with the chunks not in the cache; the cache is emptied first when it would reach
+ * `limit` entries. Chunks are split as str.split() does. */
+static PyObject *count(PyObject *self, PyObject *args) {
+    PyObject *text, *cache, *tokenize;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "UO!On", &text, &PyDict_Type, &cache, &tokenize, &limit)) return NULL;
+    if (!stop_bits) {
+        PyErr_SetString(PyExc_RuntimeError, "_wordcounts.setup() was not called");
+        return NULL;
+    }
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
+    int kind = PyUnicode_KIND(text);
+    const void *data = PyUnicode_DATA(text);
+    uint64_t sum[4] = {0, 0, 0, 0};
+    uint32_t mask = 0;
+    PyObject *missing = NULL; /* chunks not cached, in order, repeats included */
+    PyObject *result = NULL;
+    Py_ssize_t i = 0;
+    while (i < n) {
+        while (i < n && Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, i))) i++;
+        if (i >= n) break;
+        Py_ssize_t start = i;
+        while (i < n && !Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, i))) i++;
+        PyObject *chunk = PyUnicode_Substring(text, start, i);
+        if (!chunk) goto done;
+        PyObject *value = PyDict_GetItemWithError(cache, chunk);
+        if (value) {
+            add(sum, &mask, (const ChunkCounts *)PyBytes_AS_STRING(value));
+            Py_DECREF(chunk);
+            continue;
+        }
+        if (PyErr_Occurred() || (!missing && !(missing = PyList_New(0)))) {
+            Py_DECREF(chunk);
+            goto done;
+        }
+        int rc = PyList_Append(missing, chunk);
+        Py_DECREF(chunk);
+        if (rc < 0) goto done;
+    }
+    if (missing) {
+        /* Each distinct new chunk tokenized and counted once. */
+        PyObject *fresh = PyDict_New(), *distinct = NULL, *tokens = NULL;
+        if (!fresh) goto done;
+        Py_ssize_t nm = PyList_GET_SIZE(missing);
+        for (Py_ssize_t k = 0; k < nm; k++)
+            if (PyDict_SetItem(fresh, PyList_GET_ITEM(missing, k), Py_None) < 0) goto fail;
+        distinct = PySequence_List(fresh);
+        if (!distinct) goto fail;
+        tokens = PyObject_CallOneArg(tokenize, distinct);
+        if (!tokens) goto fail;
+        if (!PyList_Check(tokens) || PyList_GET_SIZE(tokens) != PyList_GET_SIZE(distinct)) {
+            PyErr_SetString(PyExc_TypeError, "tokenize must return a list with one tuple per chunk");
+            goto fail;
+        }
+        if (PyDict_GET_SIZE(cache) + PyList_GET_SIZE(distinct) >= limit) PyDict_Clear(cache);
+        for (Py_ssize_t k = 0; k < PyList_GET_SIZE(distinct); k++) {
+            ChunkCounts c;
+            if (chunk_counts(PyList_GET_ITEM(tokens, k), &c) < 0) goto fail;
+            PyObject *value = PyBytes_FromStringAndSize((const char *)&c, sizeof c);
+            if (!value) goto fail;
+            PyObject *chunk = PyList_GET_ITEM(distinct, k);
+            int rc = PyDict_SetItem(cache, chunk, value) < 0 || PyDict_SetItem(fresh, chunk, value) < 0;
+            Py_DECREF(value);
+            if (rc) goto fail;
+        }
+        for (Py_ssize_t k = 0; k < nm; k++) {
+            PyObject *value = PyDict_GetItemWithError(fresh, PyList_GET_ITEM(missing, k));
+            if (!value) goto fail;
+            add(sum, &mask, (const ChunkCounts *)PyBytes_AS_STRING(value));
+        }
+        Py_DECREF(fresh);
+        Py_DECREF(distinct);
+        Py_DECREF(tokens);
+        goto counted;
+    fail:
+        Py_DECREF(fresh);
+        Py_XDECREF(distinct);
+        Py_XDECREF(tokens);
+        goto done;
+    }
+counted:
+    result = Py_BuildValue("(KKKKi)", (unsigned long long)sum[0], (unsigned long long)sum[1],
+                           (unsigned long long)sum[2], (unsigned long long)sum[3], __builtin_popcount(mask));
+done:
+    Py_XDECREF(missing);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"setup", setup, METH_VARARGS, "setup(punctuation, stop_words): the symbol characters and stop words."},
+    {"count", count, METH_VARARGS,
+     "count(text, cache, tokenize, limit) -> (words, non_symbol, non_symbol_chars, alpha, stop_words)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_wordcounts", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__wordcounts(void) { return PyModule_Create(&module); }
