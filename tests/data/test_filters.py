@@ -416,6 +416,13 @@ def test_word_counts_equal_counts_of_the_word_list(monkeypatch):
     from data.samples import mixed_corpus
 
     docs = VARIED + mixed_corpus(300) + ["You cannot say gonna here"]  # letters-only special cases
+    # str.split()'s whitespace beyond ASCII (the C counter splits the same way), astral letters and
+    # symbols (lengths in code points), symbol-only words, no words at all.
+    docs += [
+        "a\x1cb\x1dc\x1ed\x1ff\x85g\u2028h\u3000i\xa0the \U0001d400\U0001d401 \U0001f600 ... ## -- ,",
+        "",
+        "  \n ",
+    ]
     docs += [" ".join(["the of and to be that have with"] * 3 + ["the#"])]
 
     def expected(text):
