@@ -3,7 +3,6 @@ datatrove 0.10.1 (the reference, in the `ref`/`dev` extras) on real text."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from data.config import C4Config, FiltersConfig, FineWebConfig, GopherQualityConfig, GopherRepetitionConfig
@@ -208,23 +207,27 @@ def test_fast_tokenizer_equals_spacy_on_varied_text(monkeypatch):
     assert 0 < kept < len(docs)  # both outcomes exercised
 
 
-@pytest.mark.parametrize("collide", [False, True])
-def test_gopher_repetition_ngram_fractions_equal_datatrove(monkeypatch, collide):
+@pytest.fixture(params=[False, True], ids=["hashed", "collide"])
+def collide(request):
+    """With collide, every hash in data/filters/_repetition.c is 0: hashes only pick candidates, and the
+    characters themselves must decide which n-grams are equal."""
+    from data.filters import _repetition
+
+    if not request.param:
+        yield False
+        return
+    old = _repetition._set_hash_mask(0)
+    try:
+        yield True
+    finally:
+        _repetition._set_hash_mask(old)
+
+
+def test_gopher_repetition_ngram_fractions_equal_datatrove(collide):
     """GopherRepetition's n-gram measures equal datatrove's own functions to the last character: on
     repetitive random documents (including words whose concatenations collide, ("ab", "c") vs ("a",
     "bc"), which datatrove's duplicate n-grams count as equal), a threshold a hair below datatrove's
-    value drops the document for that rule and a hair above keeps it, for every n. With collide, every
-    word and n-gram hash is 0: hashes only pick candidates, the words themselves decide."""
-    if collide:
-        from data.filters import gopher
-
-        prefix = gopher._char_prefix
-
-        def zero_prefix(spaced, n_words):  # every character hash, hence every word and n-gram hash, is 0
-            csum, q, pw = prefix(spaced, n_words)
-            return csum, np.zeros_like(q), pw
-
-        monkeypatch.setattr(gopher, "_char_prefix", zero_prefix)
+    value drops the document for that rule and a hair above keeps it, for every n."""
     grf = pytest.importorskip(
         "datatrove.pipeline.filters.gopher_repetition_filter",
         reason="datatrove (the `ref` extra) not installed",
@@ -262,6 +265,75 @@ def test_gopher_repetition_ngram_fractions_equal_datatrove(monkeypatch, collide)
                 assert got == expect, (n, value, eps, text)
             checked += 1
     assert checked > 500
+
+
+@pytest.mark.parametrize(
+    "words, rule, n, chars",
+    [
+        # Duplicate n-grams are joined without a separator: "ab"+"c" repeats as "a"+"bc" (3 characters).
+        (["ab", "c", "a", "bc"], "dup", 2, 3),
+        # ... and a match skips the next n positions: "x y x y x y" has 2-grams xy, yx, xy (match, skip
+        # to 4), xy (match): 4 characters, not 6.
+        (["x", "y", "x", "y", "x", "y"], "dup", 2, 4),
+        # Ties in Counter.most_common(1) go to the n-gram inserted first, not the longest ("aa b" would
+        # give 8) and not the first to reach the top count ("z w", 6): "xx y" x 2 = 8.
+        (["c", "d", "c", "d", "aa", "b", "aa", "b"], "top", 2, 6),
+        (["xx", "y", "z", "w", "z", "w", "xx", "y"], "top", 2, 8),
+        # Every n-gram once: the first one, times 1 ("a b", not "ccc ddd").
+        (["a", "b", "ccc", "ddd"], "top", 2, 3),
+        # Lengths in code points, on 2- and 4-byte strings: "😀a b" x 2; "😀a😀" again at position 2.
+        (["😀a", "b", "😀a", "b", "c"], "top", 2, 8),
+        (["😀", "a😀", "😀a", "😀"], "dup", 2, 3),
+        (["Ωβ", "γ", "Ω", "βγ", "δ"], "dup", 2, 3),
+        (["Ωβ", "γ", "Ωβ", "γ"], "top", 2, 8),
+        # Fewer words than n: a top rule has no n-grams and is skipped; a dup rule counts 0 characters.
+        (["a", "b", "c"], "top", 4, None),
+        (["a", "b", "c"], "dup", 5, 0),
+        ([], "dup", 5, 0),
+    ],
+)
+def test_gopher_repetition_ngram_edge_cases(collide, words, rule, n, chars):
+    """first_rule (data/filters/_repetition.c) on hand-counted n-grams: it drops the document when the
+    fraction is a hair below chars / len(text) and keeps it a hair above, as datatrove's functions count."""
+    from data.filters._repetition import first_rule
+
+    spaced = " ".join(words)
+    n_chars = len(spaced) + 1  # a text one character longer than its words (e.g. a final newline)
+    try:
+        from datatrove.pipeline.filters import gopher_repetition_filter as grf
+    except ImportError:
+        grf = None
+    if grf and rule == "top":
+        grams = grf.get_n_grams(words, n)
+        assert (grf.find_top_duplicate(grams) if grams else None) == chars
+    elif grf:
+        assert grf.find_all_duplicate(words, n) == chars
+
+    def decide(frac):
+        if rule == "top":
+            return first_rule(spaced, n_chars, ((n, frac),), ())
+        return first_rule(spaced, n_chars, (), ((n, frac),))
+
+    reason = f"top_{n}_gram" if rule == "top" else f"duplicated_{n}_n_grams"
+    if chars is None:
+        assert decide(-1.0) is None  # skipped even with a threshold every value passes
+        return
+    value = chars / n_chars
+    assert decide(value - 1e-9) == reason
+    assert decide(value + 1e-9) is None
+    assert decide(value) is None  # strictly greater drops
+
+
+def test_gopher_repetition_rule_order():
+    """Top rules are checked before duplicate rules, each in increasing n, and the first that drops names
+    the reason."""
+    rep = GopherRepetition(GopherRepetitionConfig(top_n_grams={3: 0.0, 2: 0.0}, dup_n_grams={6: 0.0, 5: 0.0}))
+    text = " ".join(["the museum of the valley"] * 8)
+    assert rep(DocText(text)) == "top_2_gram"
+    rep = GopherRepetition(GopherRepetitionConfig(top_n_grams={}, dup_n_grams={6: 0.0, 5: 0.0}))
+    assert rep(DocText(text)) == "duplicated_5_n_grams"
+    rep = GopherRepetition(GopherRepetitionConfig(top_n_grams={}, dup_n_grams={}))
+    assert rep(DocText(text)) is None
 
 
 def test_gopher_paragraphs_and_lines_equal_datatrove_regex():
