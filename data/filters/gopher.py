@@ -8,7 +8,7 @@ Each filter returns None to keep a document or the name of the rule that drops i
 from __future__ import annotations
 
 from data.config import GopherQualityConfig, GopherRepetitionConfig
-from data.filters._repetition import first_rule
+from data.filters._repetition import duplicate_pieces, first_rule
 from data.filters.text import DocText
 
 
@@ -63,29 +63,10 @@ class GopherQuality:
 
 def _duplicates(items: list[str]) -> tuple[int, int]:
     """(repeated elements, characters in repeated elements), counting every occurrence after the first
-    (datatrove `find_duplicates`): everything but one copy of each distinct element, counted in C."""
+    (datatrove `find_duplicates`): everything but one copy of each distinct element, counted in C.
+    FineWeb's duplicate-line rule uses it; GopherRepetition counts in _repetition.c."""
     distinct = set(items)
     return len(items) - len(distinct), sum(map(len, items)) - sum(map(len, distinct))
-
-
-def _paragraphs(text: str) -> list[str]:
-    """`re.split(r"\\n{2,}", text.strip())` (datatrove's paragraphs) by `str.split`: splitting on "\\n\\n"
-    cuts a run of k newlines into k // 2 separators, leaving k // 2 - 1 empty pieces and, for odd k, one
-    newline at the start of the next piece; dropping those gives the regex's pieces."""
-    text = text.strip()
-    pieces = text.split("\n\n")
-    if "\n\n\n" not in text:
-        return pieces  # every run is exactly two newlines
-    return [p[1:] if p[0] == "\n" else p for p in pieces if p] or [""]
-
-
-def _lines(text: str) -> list[str]:
-    """`re.split("\\n+", text)` (datatrove's lines) by `str.split`: a run of k newlines leaves k - 1 empty
-    pieces between its neighbours; the regex keeps only the first and last piece when empty."""
-    parts = text.split("\n")
-    if len(parts) < 3 or "\n\n" not in text:
-        return parts
-    return [parts[0], *[p for p in parts[1:-1] if p], parts[-1]]
 
 
 class GopherRepetition:
@@ -102,22 +83,21 @@ class GopherRepetition:
         if not text:
             return "empty"
         # Table A1: duplicate paragraph fraction 0.30, duplicate paragraph character fraction 0.20.
-        paragraphs = _paragraphs(text)
-        dup, chars = _duplicates(paragraphs)
-        if c.dup_para_frac and dup / len(paragraphs) > c.dup_para_frac:
+        # Paragraphs and lines are datatrove's re.split(r"\n{2,}", text.strip()) and re.split("\n+",
+        # text), counted in C (_repetition.c) without building the pieces as Python strings.
+        pieces, dup, chars = duplicate_pieces(text, True)
+        if c.dup_para_frac and dup / pieces > c.dup_para_frac:
             return "dup_para_frac"
         if c.dup_para_char_frac and chars / len(text) > c.dup_para_char_frac:
             return "dup_para_char_frac"
         # Table A1: duplicate line fraction 0.30, duplicate line character fraction 0.20.
-        lines = _lines(text)
-        dup, chars = _duplicates(lines)
-        if c.dup_line_frac and dup / len(lines) > c.dup_line_frac:
+        pieces, dup, chars = duplicate_pieces(text, False)
+        if c.dup_line_frac and dup / pieces > c.dup_line_frac:
             return "dup_line_frac"
         if c.dup_line_char_frac and chars / len(text) > c.dup_line_char_frac:
             return "dup_line_char_frac"
 
         # Table A1: top 2/3/4-gram character fraction 0.20/0.18/0.16, then duplicate 5..10-gram character
         # fraction 0.15..0.10, on the words (datatrove split_into_words) joined by spaces: cached per
-        # chunk, and all the n-gram rules need of them. Counted in C (_repetition.c): the numpy version
-        # took ~90 small calls per document.
+        # chunk, and all the n-gram rules need of them (_repetition.c hashes each character once).
         return first_rule(doc.spaced, len(text), self.top, self.dup)

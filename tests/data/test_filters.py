@@ -336,15 +336,17 @@ def test_gopher_repetition_rule_order():
     assert rep(DocText(text)) is None
 
 
-def test_gopher_paragraphs_and_lines_equal_datatrove_regex():
-    """The str.split paragraphs and lines (data/filters/gopher.py) are datatrove's regex splits,
-    re.split(r"\n{2,}", text.strip()) and re.split("\n+", text), element for element, on every string
-    of up to 8 characters over "a", "\n", "\r", " " (runs of 1..8 newlines, leading and trailing ones,
-    "\r\n", whitespace-only text), and _duplicates counts as datatrove's find_duplicates."""
+def test_gopher_paragraphs_and_lines_equal_datatrove_regex(collide):
+    """duplicate_pieces (data/filters/_repetition.c) counts datatrove's paragraphs and lines,
+    re.split(r"\n{2,}", text.strip()) and re.split("\n+", text), as its find_duplicates does: on every
+    string of up to 8 characters over "a", "\n", "\r", " " (runs of 1..8 newlines, leading and trailing
+    ones, "\r\n", whitespace-only text) and of up to 5 over 2- and 4-byte characters, Unicode whitespace
+    that str.strip() removes ("\u2028", "\x1c", "\u3000") and an astral one (lengths in code points)."""
     import itertools
     import re
 
     from data.filters import gopher
+    from data.filters._repetition import duplicate_pieces
 
     def find_duplicates(items):  # datatrove gopher_repetition_filter.find_duplicates
         seen, n, chars = set(), 0, 0
@@ -356,15 +358,22 @@ def test_gopher_paragraphs_and_lines_equal_datatrove_regex():
         return n, chars
 
     checked = 0
-    for size in range(1, 9):
-        for chars in itertools.product("a\n\r ", repeat=size):
-            text = "".join(chars)
-            paragraphs, lines = gopher._paragraphs(text), gopher._lines(text)
-            assert paragraphs == re.split(r"\n{2,}", text.strip()), repr(text)
-            assert lines == re.split("\n+", text), repr(text)
-            assert gopher._duplicates(lines) == find_duplicates(lines), repr(text)
-            checked += 1
-    assert checked == sum(4**k for k in range(1, 9))
+    sweeps = [("a\n\r ", 8), ("a\n\u2028😀\x1c\u3000", 5)] if not collide else [("a\n\r ", 6)]
+    for alphabet, longest in sweeps:
+        for size in range(longest + 1):
+            for chars in itertools.product(alphabet, repeat=size):
+                text = "".join(chars)
+                paragraphs, lines = re.split(r"\n{2,}", text.strip()), re.split("\n+", text)
+                assert duplicate_pieces(text, True) == (len(paragraphs), *find_duplicates(paragraphs)), repr(
+                    text
+                )
+                assert duplicate_pieces(text, False) == (len(lines), *find_duplicates(lines)), repr(text)
+                checked += 1
+    assert checked == sum(len(a) ** k for a, longest in sweeps for k in range(longest + 1))
+    # By hand: paragraphs "x", "y", " x", "y" (one repeat, 1 character); lines x, ab, x, ab, x.
+    assert duplicate_pieces(" \n x\n\n\ny\n\n x\n\n\n\ny \n", True) == (4, 1, 1)
+    assert duplicate_pieces("x\nab\n\nx\nab\nx\n", False) == (6, 3, 4)
+    assert duplicate_pieces("😀b\n😀b\nΩ\nΩ", False) == (4, 2, 3)
     assert gopher._duplicates(["x", "", "ab", "x", "", "ab", "x"]) == (4, 4)
 
 
