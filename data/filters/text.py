@@ -16,10 +16,10 @@ from functools import cached_property, lru_cache
 from data.filters.tokens import chunk_tokens, clear_token_caches, ensure_tokens, spaced_words
 
 try:
-    from data.filters import _wordcounts
+    from data.filters import _chunks
 except ImportError as e:
     raise ImportError(
-        "data/filters/_wordcounts.c is not compiled: reinstall with `pip install -e .` (`make` does it), "
+        "data/filters/_chunks.c is not compiled: reinstall with `pip install -e .` (`make` does it), "
         "which builds the C extensions in place"
     ) from e
 
@@ -125,7 +125,7 @@ def count_sentences(text: str) -> int:
 # Gopher's stop words (Rae et al. 2021, A.1.1: "the, be, to, of, and, that, have, with"), counted per chunk
 # with the other word counts so that GopherQuality never needs a document's word list.
 STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
-_CHUNK_COUNTS: dict[str, bytes] = {}  # chunk -> its counts, packed by data/filters/_wordcounts.c
+_CHUNK_COUNTS: dict[str, bytes] = {}  # chunk -> its counts, packed by data/filters/_chunks.c
 
 
 @dataclass(frozen=True)
@@ -147,13 +147,13 @@ def _tokens_of(chunks: list[str]) -> list[tuple[str, ...]]:
 
 @lru_cache(maxsize=1)
 def _counter():
-    _wordcounts.setup("".join(PUNCTUATION_SET), STOP_WORDS)
-    return _wordcounts.count
+    _chunks.setup("".join(PUNCTUATION_SET), STOP_WORDS)
+    return _chunks.count
 
 
 def word_counts(text: str) -> WordCounts:
     """The document's word counts, summed in C over its chunks' counts; a chunk's counts are computed
-    once, from its cached tokens (`_wordcounts.c`)."""
+    once, from its cached tokens (`_chunks.c`)."""
     return WordCounts(*_counter()(text, _CHUNK_COUNTS, _tokens_of, _CACHE_LIMIT))
 
 

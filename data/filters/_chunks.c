@@ -1,12 +1,16 @@
-/* GopherQuality's word counts of a document, summed from per-chunk counts in C (data/filters/text.py
- * `word_counts`).
+/* A document's per-chunk caches, read in C (data/filters/text.py `word_counts`, tokens.py `spaced_words`).
  *
  * A document's words (datatrove `split_into_words`, spaCy's English tokens) are its whitespace-separated
- * chunks' tokens in order, so every count GopherQuality needs is a sum over chunks: words, words with a
- * character outside PUNCTUATION_SET ("non-symbol"), their total length, words with a letter, and which
- * stop words occur (a bit mask, OR-ed). Each chunk's counts are computed once from its tokens and kept in
- * a dict (chunk -> 20 bytes). In Python, the per-document loop over chunks and the per-word checks were
- * most of GopherQuality's time on unseen text; here a known chunk costs one dict lookup.
+ * chunks' tokens in order (spaCy tokenizes each chunk alone), so what the filters need of the words is
+ * kept per chunk, computed once from the chunk's tokens, and combined per document here: a known chunk
+ * costs one dict lookup. In Python, the per-document loop over chunks and the per-word checks were most of
+ * the Gopher filters' time.
+ * - count: GopherQuality's counts, summed: words, words with a character outside PUNCTUATION_SET
+ *   ("non-symbol"), their total length, words with a letter, and which stop words occur (a bit mask,
+ *   OR-ed); a chunk's counts are 20 bytes in a dict.
+ * - spaced: the words joined by single spaces (what GopherRepetition hashes); a chunk of letters that is
+ *   no special case is its own token and needs no lookup.
+ * Chunks are split as str.split() does.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -76,6 +80,17 @@ static PyObject *setup(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* The start of the next whitespace-free chunk at or after *i (its end is left in *i), or -1. */
+static Py_ssize_t next_chunk(int kind, const void *data, Py_ssize_t n, Py_ssize_t *i) {
+    Py_ssize_t k = *i;
+    while (k < n && Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, k))) k++;
+    if (k >= n) return -1;
+    Py_ssize_t start = k;
+    while (k < n && !Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, k))) k++;
+    *i = k;
+    return start;
+}
+
 /* The counts of one chunk from its tokens (a tuple of str). */
 static int chunk_counts(PyObject *tokens, ChunkCounts *out) {
     if (!PyTuple_Check(tokens)) {
@@ -120,13 +135,13 @@ static void add(uint64_t sum[4], uint32_t *mask, const ChunkCounts *c) {
 /* count(text, cache, tokenize, limit) -> (words, non_symbol, non_symbol_chars, alpha, stop words seen).
  * cache: dict chunk -> counts (bytes), filled here; tokenize(list of chunks) -> their token tuples, called
  * once per document with the chunks not in the cache; the cache is emptied first when it would reach
- * `limit` entries. Chunks are split as str.split() does. */
+ * `limit` entries. */
 static PyObject *count(PyObject *self, PyObject *args) {
     PyObject *text, *cache, *tokenize;
     Py_ssize_t limit;
     if (!PyArg_ParseTuple(args, "UO!On", &text, &PyDict_Type, &cache, &tokenize, &limit)) return NULL;
     if (!stop_bits) {
-        PyErr_SetString(PyExc_RuntimeError, "_wordcounts.setup() was not called");
+        PyErr_SetString(PyExc_RuntimeError, "_chunks.setup() was not called");
         return NULL;
     }
     Py_ssize_t n = PyUnicode_GET_LENGTH(text);
@@ -136,12 +151,8 @@ static PyObject *count(PyObject *self, PyObject *args) {
     uint32_t mask = 0;
     PyObject *missing = NULL; /* chunks not cached, in order, repeats included */
     PyObject *result = NULL;
-    Py_ssize_t i = 0;
-    while (i < n) {
-        while (i < n && Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, i))) i++;
-        if (i >= n) break;
-        Py_ssize_t start = i;
-        while (i < n && !Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, i))) i++;
+    Py_ssize_t i = 0, start;
+    while ((start = next_chunk(kind, data, n, &i)) >= 0) {
         PyObject *chunk = PyUnicode_Substring(text, start, i);
         if (!chunk) goto done;
         PyObject *value = PyDict_GetItemWithError(cache, chunk);
@@ -207,13 +218,123 @@ done:
     return result;
 }
 
+static int is_letters(PyObject *chunk) {
+    Py_ssize_t n = PyUnicode_GET_LENGTH(chunk);
+    int kind = PyUnicode_KIND(chunk);
+    const void *data = PyUnicode_DATA(chunk);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!Py_UNICODE_ISALPHA(PyUnicode_READ(kind, data, i))) return 0;
+    return n > 0;
+}
+
+/* spaced(text, cache, special, join, limit) -> the document's tokens joined by single spaces.
+ * A chunk of letters that is not in `special` (a set; None: no such shortcut) is itself; any other chunk's
+ * spaced tokens come from cache (dict chunk -> str), and join(list of chunks) -> their spaced tokens is
+ * called once per document with the chunks not in it; the cache is emptied first when it would reach
+ * `limit` entries. */
+static PyObject *spaced(PyObject *self, PyObject *args) {
+    PyObject *text, *cache, *special, *join;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "UO!OOn", &text, &PyDict_Type, &cache, &special, &join, &limit)) return NULL;
+    if (special != Py_None && !PyAnySet_Check(special)) {
+        PyErr_SetString(PyExc_TypeError, "special must be a set or None");
+        return NULL;
+    }
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
+    int kind = PyUnicode_KIND(text);
+    const void *data = PyUnicode_DATA(text);
+    PyObject *parts = PyList_New(0), *missing = NULL, *fresh = NULL, *distinct = NULL, *joined = NULL;
+    PyObject *result = NULL;
+    if (!parts) return NULL;
+    Py_ssize_t i = 0, start;
+    while ((start = next_chunk(kind, data, n, &i)) >= 0) {
+        PyObject *chunk = PyUnicode_Substring(text, start, i), *part = NULL;
+        if (!chunk) goto done;
+        int whole = special != Py_None && is_letters(chunk);
+        if (whole && (whole = PySet_Contains(special, chunk)) >= 0) whole = !whole;
+        if (whole < 0) {
+            Py_DECREF(chunk);
+            goto done;
+        }
+        if (whole) {
+            part = chunk;
+        } else {
+            part = PyDict_GetItemWithError(cache, chunk);
+            if (part) {
+                Py_INCREF(part);
+                Py_DECREF(chunk);
+            } else if (PyErr_Occurred()) {
+                Py_DECREF(chunk);
+                goto done;
+            } else {
+                /* A placeholder: the chunk itself, replaced once its tokens are known. */
+                PyObject *at = PyLong_FromSsize_t(PyList_GET_SIZE(parts));
+                int rc = !at || (!missing && !(missing = PyList_New(0))) || PyList_Append(missing, at) < 0;
+                Py_XDECREF(at);
+                if (rc) {
+                    Py_DECREF(chunk);
+                    goto done;
+                }
+                part = chunk;
+            }
+        }
+        int rc = PyList_Append(parts, part);
+        Py_DECREF(part);
+        if (rc < 0) goto done;
+    }
+    if (missing) {
+        Py_ssize_t nm = PyList_GET_SIZE(missing);
+        if (!(fresh = PyDict_New())) goto done;
+        for (Py_ssize_t k = 0; k < nm; k++) {
+            Py_ssize_t at = PyLong_AsSsize_t(PyList_GET_ITEM(missing, k));
+            if (PyDict_SetItem(fresh, PyList_GET_ITEM(parts, at), Py_None) < 0) goto done;
+        }
+        if (!(distinct = PySequence_List(fresh))) goto done;
+        if (!(joined = PyObject_CallOneArg(join, distinct))) goto done;
+        if (!PyList_Check(joined) || PyList_GET_SIZE(joined) != PyList_GET_SIZE(distinct)) {
+            PyErr_SetString(PyExc_TypeError, "join must return a list with one str per chunk");
+            goto done;
+        }
+        if (PyDict_GET_SIZE(cache) + PyList_GET_SIZE(distinct) >= limit) PyDict_Clear(cache);
+        for (Py_ssize_t k = 0; k < PyList_GET_SIZE(distinct); k++) {
+            PyObject *chunk = PyList_GET_ITEM(distinct, k), *value = PyList_GET_ITEM(joined, k);
+            if (!PyUnicode_Check(value)) {
+                PyErr_SetString(PyExc_TypeError, "join must return a list with one str per chunk");
+                goto done;
+            }
+            if (PyDict_SetItem(cache, chunk, value) < 0 || PyDict_SetItem(fresh, chunk, value) < 0) goto done;
+        }
+        for (Py_ssize_t k = 0; k < nm; k++) {
+            Py_ssize_t at = PyLong_AsSsize_t(PyList_GET_ITEM(missing, k));
+            PyObject *value = PyDict_GetItemWithError(fresh, PyList_GET_ITEM(parts, at));
+            if (!value) goto done;
+            Py_INCREF(value);
+            if (PyList_SetItem(parts, at, value) < 0) goto done;
+        }
+    }
+    {
+        PyObject *sep = PyUnicode_FromOrdinal(' ');
+        if (!sep) goto done;
+        result = PyUnicode_Join(sep, parts);
+        Py_DECREF(sep);
+    }
+done:
+    Py_DECREF(parts);
+    Py_XDECREF(missing);
+    Py_XDECREF(fresh);
+    Py_XDECREF(distinct);
+    Py_XDECREF(joined);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"setup", setup, METH_VARARGS, "setup(punctuation, stop_words): the symbol characters and stop words."},
     {"count", count, METH_VARARGS,
      "count(text, cache, tokenize, limit) -> (words, non_symbol, non_symbol_chars, alpha, stop_words)."},
+    {"spaced", spaced, METH_VARARGS, "spaced(text, cache, special, join, limit) -> the tokens joined by spaces."},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_wordcounts", NULL, -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_chunks", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__wordcounts(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__chunks(void) { return PyModule_Create(&module); }
