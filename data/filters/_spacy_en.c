@@ -29,6 +29,7 @@ typedef struct {
     Py_ssize_t nsets;
     int first; /* set every match starts with, or -1 */
     int anchored;
+    int tail, far; /* see _tail in spacy_en.py: further than tail + 1 from the end, only set far can start */
 } Prog;
 
 typedef struct {
@@ -227,9 +228,12 @@ static Py_ssize_t search(Ctx *cx, const Prog *p, const Str *s, Py_ssize_t from, 
                          Py_ssize_t *mstart) {
     cx->steps = 0;
     const Set *first = p->first >= 0 ? &p->sets[p->first] : NULL;
+    const Set *far = p->tail >= 0 ? &p->sets[p->far] : NULL;
     for (Py_ssize_t st = from; st <= s->end; st++) {
         if (p->anchored && st != s->begin) break;
-        if (first) {
+        if (far && s->end - st > p->tail + 1) {
+            if (!in_set(far, rd(s, st))) continue;
+        } else if (first) {
             if (st == s->end) break;
             if (!in_set(first, rd(s, st))) continue;
         }
@@ -279,7 +283,8 @@ static void prog_free(Prog *p) {
 static int prog_load(Prog *p, PyObject *t) {
     memset(p, 0, sizeof(*p));
     PyObject *code, *sets, *tabs;
-    if (!PyArg_ParseTuple(t, "OOOip", &code, &sets, &tabs, &p->first, &p->anchored)) return -1;
+    if (!PyArg_ParseTuple(t, "OOOipii", &code, &sets, &tabs, &p->first, &p->anchored, &p->tail, &p->far))
+        return -1;
     if (!(p->code = int_array(code, NULL)) || !(p->tabs = int_array(tabs, NULL))) goto err;
     PyObject *seq = PySequence_Fast(sets, "sets must be a sequence");
     if (!seq) goto err;
@@ -779,6 +784,9 @@ static PyObject *py_tokenize(PyObject *self, PyObject *args) {
             }
         }
         if (!res) goto err;
+        /* A tuple of strs can be in no reference cycle: untracked, the garbage collector need not
+         * visit the millions a cache holds (CPython would untrack it at its next collection anyway). */
+        PyObject_GC_UnTrack(res);
         PyList_SET_ITEM(out, ci, res);
     }
     Py_DECREF(seq);

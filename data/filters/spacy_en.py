@@ -268,8 +268,30 @@ def _anchored(items) -> bool:
     return False
 
 
+def _tail(c: _Compiler, tree) -> tuple[int, int]:
+    """(W, far): every alternative of the pattern that ends at `$` with at most W characters can only
+    match within W + 1 characters of the string's end (`$` also matches before a final newline); far
+    is the set the other alternatives start with, the only ones a search must try further from the end
+    (spaCy's suffixes: W = 7 and `\\.\\.+$`, so far = "."). W = -1 where that reading does not apply."""
+    items = list(tree)
+    alts = items[0][1][1] if len(items) == 1 and items[0][0] is sc.BRANCH else [items]
+    widest, far = 0, []
+    for alt in alts:
+        alt = list(alt)
+        hi = sp.SubPattern(tree.state, alt).getwidth()[1]
+        if alt and alt[-1] == (sc.AT, sc.AT_END) and hi < sc.MAXREPEAT:
+            widest = max(widest, hi)
+            continue
+        ranges, nullable = c.first(alt)
+        if nullable:
+            return -1, -1
+        far += ranges
+    return widest, c.set_id(_merge(far))
+
+
 def compile_pattern(pattern: re.Pattern) -> tuple:
-    """One pattern as the extension's program: (code, sets, tabs, first-character set or -1, anchored)."""
+    """One pattern as the extension's program: (code, sets, tabs, first-character set or -1, anchored,
+    tail width or -1, far set)."""
     if pattern.flags & ~re.UNICODE:
         raise Unsupported(f"flags {pattern.flags}")
     if not isinstance(pattern.pattern, str):
@@ -280,13 +302,15 @@ def compile_pattern(pattern: re.Pattern) -> tuple:
     c.emit(MATCH)
     ranges, nullable = c.first(tree)
     first = -1 if nullable else c.set_id(ranges)
+    tail, far = _tail(c, tree)
     sets = [array("i", [x for r in s for x in r]) for s in c.sets]
-    return array("i", c.code), sets, array("i", c.tabs), first, _anchored(tree)
+    return array("i", c.code), sets, array("i", c.tabs), first, _anchored(tree), tail, far
 
 
 def compiled():
-    """The compiled English tokenizer (`tokenize(chunks) -> list of token tuples`), or None where the
-    extension is not built or spaCy's patterns use a construct the matcher lacks."""
+    """The compiled English tokenizer (`tokenize(chunks) -> list of token tuples`, None for a chunk on
+    which the matcher gave up), or None where the extension is not built or spaCy's rules use a construct
+    it lacks."""
     try:
         return _compiled()
     except (ImportError, Unsupported):
@@ -295,23 +319,24 @@ def compiled():
 
 @lru_cache(maxsize=1)
 def _compiled():
-    from data.filters import _spacy_en
-    from data.filters.tokens import _always_contains, _tokenizer
-
-    tok = _tokenizer()
-    if tok.token_match is not None or not tok.faster_heuristics:
-        raise Unsupported("token_match or faster_heuristics off")
-    pats = [getattr(tok, n).__self__ for n in ("prefix_search", "suffix_search", "infix_finditer")]
-    progs = [compile_pattern(p) for p in pats]
-    url = tok.url_match.__self__ if tok.url_match is not None else None
-    url_prog = compile_pattern(url) if url is not None else None
-    # A URL match needs a "." (read off the pattern), so strings without one skip it.
-    url_needs_dot = url is not None and _always_contains(url, ".".__eq__)
-    # No rule matches a string of letters only (each needs a character that is no letter).
-    letters_whole = all(_always_contains(p, lambda ch: not ch.isalpha()) for p in pats + [url] if p)
+    from functools import partial
 
     from spacy.attrs import ORTH
 
+    from data.filters import _spacy_en
+    from data.filters.tokens import _always_contains, _special_if_letters_whole, _tokenizer
+
+    tok = _tokenizer()
+    methods = ("search", "search", "finditer", "match")
+    names = ("prefix_search", "suffix_search", "infix_finditer", "url_match")
+    if tok.token_match is not None or not tok.faster_heuristics:
+        raise Unsupported("token_match or faster_heuristics off")
+    if any(getattr(getattr(tok, n), "__name__", None) != m for n, m in zip(names, methods)):
+        raise Unsupported("a rule that is no bound method of an re pattern")
+    progs = [compile_pattern(getattr(tok, n).__self__) for n in names[:3]]
+    url = tok.url_match.__self__
+    # A URL match needs a "." (read off the pattern), so strings without one skip it.
+    url_needs_dot = _always_contains(url, ".".__eq__)
     plain = type(tok)(
         tok.vocab,
         prefix_search=tok.prefix_search,
@@ -321,10 +346,10 @@ def _compiled():
     )
     specials, patterns = {}, []
     for key, subs in tok.rules.items():
-        pieces = tuple(s.get(ORTH, s.get("ORTH", "")) for s in subs)
-        specials[key] = tuple(len(p) for p in pieces)
+        specials[key] = tuple(len(s.get(ORTH, s.get("ORTH", ""))) for s in subs)
         # spaCy's special-case matcher holds a key's affix tokens when a rule finds something in it
-        # (Tokenizer.add_special_case with faster_heuristics).
+        # (Tokenizer.add_special_case with faster_heuristics); tokens with whitespace never occur in a
+        # chunk.
         pre, suf = tok.prefix_search(key), tok.suffix_search(key)
         if (
             (pre and pre.end() > pre.start())
@@ -333,24 +358,12 @@ def _compiled():
         ):
             toks = [t.text for t in plain(key)]
             if not any(ch.isspace() for t in toks for ch in t):
-                patterns.append(("".join(toks), tuple(len(t) for t in toks)))
-    handle = _spacy_en.build(progs, url_prog, specials, patterns, url_needs_dot, letters_whole)
-    return _Tokenize(handle, letters_whole, frozenset(tok.rules))
-
-
-class _Tokenize:
-    def __init__(self, handle, letters_whole: bool, special: frozenset) -> None:
-        from data.filters import _spacy_en
-
-        self._handle = handle
-        self._tokenize = _spacy_en.tokenize
-        self.letters_whole = letters_whole
-        self.special = special
-
-    def __call__(self, chunks: list[str]) -> list:
-        """Each chunk's tokens (a tuple of strs; `(chunk,)` for a chunk that is one token), or None for a
-        chunk on which the matcher gave up (its step limit), which the caller tokenizes with spaCy."""
-        return self._tokenize(self._handle, chunks)
+                patterns.append(("".join(toks), tuple(map(len, toks))))
+    letters_whole = _special_if_letters_whole() is not None
+    handle = _spacy_en.build(progs, compile_pattern(url), specials, patterns, url_needs_dot, letters_whole)
+    # chunks -> per chunk a tuple of token strs ((chunk,) for a chunk that is one token), or None for a
+    # chunk on which the matcher gave up (its step limit), which the caller tokenizes with spaCy.
+    return partial(_spacy_en.tokenize, handle)
 
 
 def search(pattern: re.Pattern, s: str, pos: int = 0, endpos: int | None = None):

@@ -2,11 +2,12 @@
 "en")` yields (spaCy's rule-based `spacy.blank("en").tokenizer`, whitespace-only tokens dropped, the rest
 stripped), for every whitespace-separated chunk of a document.
 
-spaCy splits text at whitespace first and tokenizes each chunk alone, so tokens are cached per chunk. A new
-chunk of letters is its own token (no English rule can split it: read off the patterns); any other new chunk
-is mapped to a representative with the same tokenization (`_Canon`), and spaCy runs once per document on the
-representatives it has not seen, with its suffix, infix and URL searches short-cut where the patterns allow
-(`_fast_tokenizer`). `spacy_chunk_tokens` is the unoptimized reference the tests compare against.
+spaCy splits text at whitespace first and tokenizes each chunk alone, so tokens are cached per chunk. New
+chunks are tokenized by the C port of spaCy's tokenizer (`data.filters.spacy_en`, compiled from spaCy's
+own patterns and special cases); where that extension is not built, or its matcher lacks a construct
+spaCy's patterns use, spaCy runs once per document on the new chunks (`_spacy_tokens`), with its suffix,
+infix and URL searches short-cut where the patterns allow (`_fast_tokenizer`). `spacy_chunk_tokens` is
+the unoptimized reference the tests compare against.
 """
 
 from __future__ import annotations
@@ -185,72 +186,13 @@ def _fast_tokenizer():
 
 _CHUNK_TOKENS: dict[str, tuple[str, ...]] = {}
 _SPACED: dict[str, str] = {}  # chunk -> its tokens joined by " " (filled with _CHUNK_TOKENS)
-_SPANS: dict[str, tuple[tuple[int, ...], tuple[int, ...], bool]] = {}
 _CACHE_LIMIT = 2_000_000
-_SEPARATOR = "\u2003"  # em space: see _learn_spans
-_ALNUM_RUN = re.compile(r"[^\W_]+")
-# A letter right after a digit, quote or degree sign, or right before "$": where spaCy's suffix and
-# prefix rules read ASCII letters literally (units "5km", "'s", "°F.", "US$"). Such chunks are not
-# canonicalized.
-_RISKY = re.compile(r"[0-9'\u2019\u00b0][^\W\d_]|[^\W\d_]\$")
+_SEPARATOR = "\u2003"  # em space: see _spacy_tokens
 
 
 def spacy_chunk_tokens(chunk: str) -> tuple[str, ...]:
     """spaCy's own tokens of one whitespace-free chunk (the reference the fast path must equal)."""
     return tuple(t.text for t in _tokenizer()(chunk))
-
-
-def _regex_classes(pattern: re.Pattern) -> tuple[list[list[tuple[int, int]]], bool]:
-    """The character classes of a compiled `re` pattern: one list of inclusive code point ranges per
-    literal or `[...]` set (a literal is a range of one), and whether the pattern is safe to reason about
-    by character classes (no back-references, no case folding).
-
-    A letter literal that starts an alternative right after a digit lookbehind (`(?<=[0-9])(?:km|кг|...)`,
-    spaCy's unit and currency suffixes) is left out: it can only match a letter that follows a digit,
-    and chunks with a digit before a letter are never canonicalized (`_RISKY`)."""
-    from re import _constants as sc
-    from re import _parser as sp
-
-    ok = not pattern.flags & re.IGNORECASE
-    classes: list[list[tuple[int, int]]] = []
-
-    def after_digit(item) -> bool:
-        op, av = item
-        return op is sc.ASSERT and av[0] == -1 and list(av[1]) == [(sc.IN, [(sc.RANGE, (48, 57))])]
-
-    def walk(items, in_set: list | None = None) -> None:
-        nonlocal ok
-        items = list(items)
-        for i, (op, av) in enumerate(items):
-            if op in (sc.LITERAL, sc.NOT_LITERAL):
-                if in_set is None:
-                    classes.append([(av, av)])
-                else:
-                    in_set.append((av, av))
-            elif op is sc.RANGE:
-                in_set.append(av)
-            elif op is sc.IN:
-                classes.append([])
-                walk(av, classes[-1])
-            elif op is sc.BRANCH:
-                digit_before = i > 0 and after_digit(items[i - 1])
-                for branch in av[1]:
-                    first = branch[0] if branch else None
-                    if digit_before and first[0] is sc.LITERAL and chr(first[1]).isalpha():
-                        branch = [x for x in branch if not (x[0] is sc.LITERAL and chr(x[1]).isalpha())]
-                    walk(branch)
-            elif op is sc.SUBPATTERN:
-                walk(av[3])
-            elif op in (sc.MAX_REPEAT, sc.MIN_REPEAT, sc.POSSESSIVE_REPEAT):
-                walk(av[2])
-            elif op in (sc.ASSERT, sc.ASSERT_NOT):
-                walk(av[1])
-            elif op in (sc.GROUPREF, sc.GROUPREF_EXISTS):
-                ok = False
-            # AT (anchors), ANY, CATEGORY (\w \d \s, handled by the class key), NEGATE: no ranges.
-
-    walk(sp.parse(pattern.pattern, pattern.flags))
-    return classes, ok
 
 
 def _always_contains(pattern: re.Pattern, ok: Callable[[str], bool]) -> bool:
@@ -286,241 +228,56 @@ def _always_contains(pattern: re.Pattern, ok: Callable[[str], bool]) -> bool:
     return seq(sp.parse(pattern.pattern, pattern.flags))
 
 
-class _Canon:
-    """Which characters spaCy's tokenizer cannot tell apart, so that a chunk's tokens can be read off a
-    representative chunk already tokenized. spaCy's tokenizer (spaCy 3, `Tokenizer._split_affixes` and
-    `_attach_tokens`) decides a chunk's tokens with (a) its prefix, suffix, infix and URL regexes and (b)
-    exact-string lookups of its special cases. Two letters or digits that belong to the same character
-    classes of those regexes (each literal and each [...] set is a class) and agree on \\w, \\d and \\s
-    are matched alike by every regex (none uses back-references or case folding: checked here), so
-    replacing one by the other changes no regex decision; for chunks without "." the URL pattern's classes
-    are left out (it only matches strings with "."). Special cases are exact strings: a chunk is only canonicalized when
-    none of its (or its canonical form's) letter/digit runs occurs in any special case or in the tokens
-    of one, so no special-case lookup can succeed for either. Lengths are kept, so token offsets carry
-    over; a representative whose tokens split a letter/digit run falls back to spaCy on the chunk."""
-
-    def __init__(self) -> None:
-        from bisect import bisect_right
-
-        from spacy.attrs import ORTH
-
-        tok = _tokenizer()
-        patterns = [getattr(tok, n).__self__ for n in ("prefix_search", "suffix_search", "infix_finditer")]
-        patterns += [tok.url_match.__self__] if tok.url_match is not None else []
-        self.enabled = tok.token_match is None
-        classes: list[list[tuple[int, int]]] = []
-        url_classes: set[int] = set()  # indices of the URL pattern's classes
-        for pat in patterns:
-            found, ok = _regex_classes(pat)
-            if tok.url_match is not None and pat is tok.url_match.__self__:
-                url_classes.update(range(len(classes), len(classes) + len(found)))
-            self.enabled &= ok
-            for ranges in found:
-                kept = []
-                for a, b in ranges:
-                    if a == b and chr(a).isascii() and chr(a).isalpha():
-                        # ASCII letters appear as literals only in affixes that need a context _RISKY
-                        # excludes: 's after a quote, "°F." and "US$".
-                        self.enabled &= (
-                            pat is not tok.infix_finditer.__self__ and pat is not tok.url_match.__self__
-                        )
-                        continue
-                    kept.append((a, b))
-                classes.append(kept)
-        # Elementary intervals between all range bounds; an interval's signature is the set of classes
-        # containing it. Characters with the same signature are matched alike by every class, even in
-        # different intervals (spaCy spells CJK as several adjacent ranges of one class).
-        self._bounds = sorted({x for ranges in classes for a, b in ranges for x in (a, b + 1)})
-        members: list[set[int]] = [set() for _ in range(len(self._bounds) + 1)]
-        for k, ranges in enumerate(classes):
-            for a, b in ranges:
-                for i in range(bisect_right(self._bounds, a), bisect_right(self._bounds, b) + 1):
-                    members[i].add(k)
-        ids: dict[frozenset, int] = {}
-        self._signature = [ids.setdefault(frozenset(m), len(ids)) for m in members]
-        # Every URL spaCy's url_match accepts contains ".", and so does every substring of a chunk it
-        # can see only if the chunk does: for chunks without ".", the URL pattern's classes (which tell
-        # digits apart for IP addresses and many letters for top-level domains) decide nothing.
-        url_dots = tok.url_match is None or _always_contains(tok.url_match.__self__, ".".__eq__)
-        self._signature_nodot = [
-            ids.setdefault(frozenset(m - url_classes if url_dots else m), len(ids)) for m in members
-        ]
-        self._bisect = bisect_right
-        # Letter/digit runs of the special cases and of the tokens the special-case matcher looks for.
-        plain = type(tok)(
-            tok.vocab,
-            prefix_search=tok.prefix_search,
-            suffix_search=tok.suffix_search,
-            infix_finditer=tok.infix_finditer,
-            url_match=tok.url_match,
-        )
-        cores: set[str] = set()
-        for key, subs in tok.rules.items():
-            cores.update(_ALNUM_RUN.findall(key))
-            for piece in [s.get(ORTH, s.get("ORTH", "")) for s in subs] + [t.text for t in plain(key)]:
-                cores.update(_ALNUM_RUN.findall(piece))
-        self.cores = frozenset(cores)
-        # A chunk of letters only is one token unless it is a special case: when every match of every
-        # affix, infix and URL pattern needs a character that is not a letter (the unit suffixes' digit
-        # lookbehind, "'s", "."), no rule can split or strip it.
-        self.letters_whole = tok.token_match is None and all(
-            _always_contains(p, lambda ch: not ch.isalpha()) for p in patterns
-        )
-        self.special = frozenset(tok.rules)
-        self.table: dict[int, str] = {}  # code point -> its representative (only letters and digits)
-        self.table_nodot: dict[int, str] = {}  # the same for chunks without "."
-        self._rep_of_key: dict[tuple, str] = {}
-        self._known: set[str] = set()
-
-    def learn(self, text: str) -> None:
-        """Add text's unseen letters and digits to the translation table."""
-        for ch in set(text) - self._known:
-            self._known.add(ch)
-            if not ch.isalnum():
-                continue
-            cp = ord(ch)
-            i = self._bisect(self._bounds, cp)
-            for sig, table in (
-                (self._signature[i], self.table),
-                (self._signature_nodot[i], self.table_nodot),
-            ):
-                rep = self._rep_of_key.setdefault((sig, ch.isdecimal(), ch.isalpha()), ch)
-                if rep != ch:
-                    table[cp] = rep
-
-    def reps(self, chunks: list[str]) -> list[str]:
-        """Each chunk's representative: the chunk with letters and digits replaced (through the coarser
-        table when it has no "."), or the chunk itself where a replacement could change spaCy's decision
-        (`_RISKY` contexts, special-case runs)."""
-        if not self.enabled:
-            return list(chunks)
-        joined = "\n".join(chunks)
-        self.learn(joined)
-        dot, nodot = self.table, self.table_nodot
-        reps = [c.translate(dot if "." in c else nodot) for c in chunks]
-        translated = "\n".join(reps)
-        # Letter/digit runs that are special-case material, in the chunks or their representatives.
-        hits = self.cores.intersection(_ALNUM_RUN.findall(joined)) | self.cores.intersection(
-            _ALNUM_RUN.findall(translated)
-        )
-        if not hits and not _RISKY.search(joined):
-            return reps
-        findall, risky = _ALNUM_RUN.findall, _RISKY.search
-        return [
-            c
-            if r != c and (risky(c) or not (hits.isdisjoint(findall(c)) and hits.isdisjoint(findall(r))))
-            else r
-            for c, r in zip(chunks, reps)
-        ]
-
-
 @lru_cache(maxsize=1)
-def _canon() -> _Canon:
-    return _Canon()
+def _special_if_letters_whole() -> frozenset[str] | None:
+    """spaCy's special-case strings when a chunk of letters only that is none of them is its own token
+    (every match of every affix, infix and URL pattern needs a character that is not a letter: the unit
+    suffixes' digit lookbehind, "'s", "."), else None."""
+    tok = _tokenizer()
+    patterns = [getattr(tok, n).__self__ for n in ("prefix_search", "suffix_search", "infix_finditer")]
+    patterns += [tok.url_match.__self__] if tok.url_match is not None else []
+    if tok.token_match is None and all(_always_contains(p, lambda ch: not ch.isalpha()) for p in patterns):
+        return frozenset(tok.rules)
+    return None
 
 
-@lru_cache(maxsize=1)
-def _alnum_bmp():
-    """str.isalnum of every Basic Multilingual Plane code point, as a lookup table."""
-    import numpy as np
+def _spacy_tokens(chunks: list[str]) -> list[tuple[str, ...]]:
+    """spaCy's tokens of each chunk, from one tokenizer call for all of them (a call's fixed cost, Doc
+    and token objects, was most of the time when it ran per chunk). spaCy tokenizes each space-separated
+    chunk alone; the chunks are joined by an em space, which spaCy makes a token of its own (only " " is
+    absorbed as trailing space) that is in no special case: spaCy's special-case matcher
+    (`_apply_special_cases`, e.g. ":(" across the tokens ":" and "(") then cannot match across two chunks
+    and shadow a match inside one, and has no match on the separators themselves (" " is a special case).
+    Tests compare with `spacy_chunk_tokens` per chunk."""
+    from bisect import bisect_right
 
-    return np.array([chr(i).isalnum() for i in range(0x10000)])
-
-
-def _isalnum_at(codes, pos):
-    """str.isalnum of the characters at `pos` of a string given as its code points."""
-    import numpy as np
-
-    c = codes[pos]
-    out = _alnum_bmp()[np.minimum(c, 0xFFFF)]
-    high = np.flatnonzero(c > 0xFFFF)
-    if len(high):
-        out[high] = [chr(x).isalnum() for x in c[high].tolist()]
-    return out
-
-
-def _learn_spans(reps: list[str]) -> None:
-    """spaCy's tokens of each new representative as their start and stop offsets, and whether a token
-    boundary falls between two letters/digits (then the offsets are only trusted for that string itself).
-
-    One tokenizer call for all of them: spaCy tokenizes each space-separated chunk alone, and a call's
-    fixed cost (Doc, token objects) was most of the time when it ran per chunk. They are joined by an em
-    space, which spaCy makes a token of its own (only " " is absorbed as trailing space) that is in no
-    special case: spaCy's special-case matcher (`_apply_special_cases`, e.g. ":(" across the tokens ":"
-    and "(") then cannot match across two chunks and shadow a match inside one, and has no match on the
-    separators themselves (" " is a special case). Tests compare with `spacy_chunk_tokens` per chunk.
-    Tokens are assigned to representatives with array operations, not a loop over tokens."""
-    import numpy as np
-    from spacy.attrs import IDX, LENGTH
-
-    joined = _SEPARATOR.join(reps)
-    flat = _fast_tokenizer()(joined).to_array([IDX, LENGTH]).astype(np.int64).ravel()
-    idx, length = flat[0::2], flat[1::2]
-    lens = np.fromiter(map(len, reps), np.int64, len(reps))
-    starts = np.zeros(len(reps), np.int64)
-    np.cumsum(lens[:-1] + 1, out=starts[1:])
-    rid = np.searchsorted(starts, idx, "right") - 1
-    own = idx < starts[rid] + lens[rid]  # not the separator after the representative
-    idx, length, rid = idx[own], length[own], rid[own]
-    rel = idx - starts[rid]
-    stop = rel + length
-    first = np.ones(len(rid), bool)
-    first[1:] = rid[1:] != rid[:-1]
-    prev_stop = np.zeros(len(rid), np.int64)
-    prev_stop[1:] = stop[:-1]
-    prev_stop[first] = 0
-    cut_at = rel != prev_stop  # a gap before the token (never seen: spaCy's tokens tile a chunk)
-    inner = np.flatnonzero(~first)
-    if len(inner):
-        codes = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), np.uint32)
-        at = idx[inner]
-        cut_at[inner] |= _isalnum_at(codes, at - 1) & _isalnum_at(codes, at)
-    counts = np.bincount(rid, minlength=len(reps))
-    cut = (np.bincount(rid, weights=cut_at, minlength=len(reps)) > 0) | (counts == 0)
-    last = np.ones(len(rid), bool)
-    last[:-1] = rid[:-1] != rid[1:]
-    cut[rid[last]] |= stop[last] != lens[rid[last]]
-    bounds = np.concatenate([[0], np.cumsum(counts)]).tolist()
-    rel_l, stop_l, cut_l = rel.tolist(), stop.tolist(), cut.tolist()
-    for k, rep in enumerate(reps):
-        lo, hi = bounds[k], bounds[k + 1]
-        # Tuples of ints, not slices: a slice stays tracked by the garbage collector for as long as the
-        # cache holds it, and a collection's cost grows with what is tracked.
-        _SPANS[rep] = (tuple(rel_l[lo:hi]), tuple(stop_l[lo:hi]), cut_l[k])
+    starts, at = [], 0
+    for c in chunks:
+        starts.append(at)
+        at += len(c) + 1
+    out: list[list[str]] = [[] for _ in chunks]
+    for t in _fast_tokenizer()(_SEPARATOR.join(chunks)):
+        k = bisect_right(starts, t.idx) - 1
+        if t.idx < starts[k] + len(chunks[k]):  # not the separator after the chunk
+            out[k].append(t.text)
+    return [tuple(x) if len(x) != 1 or x[0] != c else (c,) for x, c in zip(out, chunks)]
 
 
 def _tokenize_new(new: set[str]) -> None:
-    """Cache the tokens of chunks not seen before. A chunk of letters only that is no special case is
-    its own token (`_Canon.letters_whole`: no regex needs to run); every other chunk is mapped to its
-    representative (`_Canon`: "Hello," and "World," share offsets), so spaCy runs once per distinct
-    shape, not per distinct chunk; a representative whose tokens split a letter/digit run falls back to
-    spaCy on the chunk."""
-    canon = _canon()
-    if canon.letters_whole:
-        words = {c for c in new if c.isalpha()}.difference(canon.special)
-        _CHUNK_TOKENS.update(zip(words, zip(words)))  # chunk -> (chunk,)
-        new = new.difference(words)
-        if not new:
-            return
+    """Cache the tokens of chunks not seen before: the C tokenizer where it is built, spaCy otherwise
+    and for a chunk on which the C matcher gave up (its step limit)."""
+    from data.filters.spacy_en import compiled
+
     chunks = list(new)
-    reps = canon.reps(chunks)
-    missing = [r for r in dict.fromkeys(reps) if r not in _SPANS]
-    if missing:
-        _learn_spans(missing)
-    retry = []
-    for chunk, rep in zip(chunks, reps):
-        starts, stops, cut = _SPANS[rep]
-        if cut and rep != chunk:
-            retry.append(chunk)
-        elif len(starts) == 1:
-            _CHUNK_TOKENS[chunk] = (chunk,)
-        else:
-            _CHUNK_TOKENS[chunk] = tuple(map(chunk.__getitem__, map(slice, starts, stops)))
-    if retry:
-        _learn_spans([c for c in retry if c not in _SPANS])
-        for chunk in retry:
-            starts, stops, _ = _SPANS[chunk]
-            _CHUNK_TOKENS[chunk] = tuple(map(chunk.__getitem__, map(slice, starts, stops)))
+    tokenize = compiled()
+    if tokenize is None:
+        _CHUNK_TOKENS.update(zip(chunks, _spacy_tokens(chunks)))
+        return
+    toks = tokenize(chunks)
+    _CHUNK_TOKENS.update(zip(chunks, toks))
+    if None in toks:
+        hard = [c for c, t in zip(chunks, toks) if t is None]
+        _CHUNK_TOKENS.update(zip(hard, _spacy_tokens(hard)))
 
 
 def ensure_tokens(chunks: set[str]) -> dict[str, tuple[str, ...]]:
@@ -550,10 +307,9 @@ def chunk_tokens(chunk: str) -> tuple[str, ...]:
 
 
 def clear_token_caches() -> None:
-    """Forget every cached chunk and representative."""
+    """Forget every cached chunk."""
     _CHUNK_TOKENS.clear()
     _SPACED.clear()
-    _SPANS.clear()
 
 
 def split_words(text: str) -> list[str]:
@@ -568,13 +324,13 @@ def split_words(text: str) -> list[str]:
 
 def spaced_words(text: str) -> str:
     """ " ".join(split_words(text)) without the word list (tokens hold no whitespace, so splitting it at
-    " " gives the words back). A chunk of letters that is no special case is itself (`_Canon.letters_whole`);
-    any other chunk's tokens joined by spaces are cached with its tokens. Telling the two apart was 4%
-    faster than looking every chunk up in a cache of millions of entries (a lookup waits on memory)."""
+    " " gives the words back). A chunk of letters that is no special case is itself
+    (`_special_if_letters_whole`); any other chunk's tokens joined by spaces are cached with its tokens.
+    Telling the two apart was 4% faster than looking every chunk up in a cache of millions of entries (a
+    lookup waits on memory)."""
     chunks = text.split()
-    canon = _canon()
-    special, get = canon.special, _SPACED.get
-    if canon.letters_whole:
+    special, get = _special_if_letters_whole(), _SPACED.get
+    if special is not None:
         parts = [c if c.isalpha() and c not in special else get(c) for c in chunks]
     else:
         parts = list(map(get, chunks))
@@ -585,5 +341,5 @@ def spaced_words(text: str) -> str:
 
 
 def tokenize_chunks(text: str) -> None:
-    """Cache the tokens of every chunk of `text` not seen before, in one spaCy call."""
+    """Cache the tokens of every chunk of `text` not seen before."""
     ensure_tokens(set(text.split()))

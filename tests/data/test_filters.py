@@ -174,8 +174,8 @@ VARIED = [
 
 
 def test_fast_tokenizer_equals_spacy_on_varied_text(monkeypatch):
-    """The fast path (canonical representatives, data/filters/tokens.py `_Canon`) gives spaCy's own tokens
-    for every chunk of a varied corpus, and the filters decide the same with it as with spaCy per chunk."""
+    """The fast path (the C tokenizer, data/filters/spacy_en.py) gives spaCy's own tokens for every chunk
+    of a varied corpus, and the filters decide the same with it as with spaCy per chunk."""
     from data.filters import text as ft
     from data.filters import tokens as tk
     from data.samples import mixed_corpus
@@ -183,10 +183,12 @@ def test_fast_tokenizer_equals_spacy_on_varied_text(monkeypatch):
     docs = VARIED + mixed_corpus(300)
     chunks = list(dict.fromkeys(c for d in docs for c in d.split()))
     ft.clear_caches()
-    differ = [c for c in chunks if tk.chunk_tokens(c) != tk.spacy_chunk_tokens(c)]
+    # The C tokenizer did the work: the spaCy fallback is not called.
+    with monkeypatch.context() as m:
+        m.setattr(tk, "_spacy_tokens", None)
+        fast_tokens = [tk.chunk_tokens(c) for c in chunks]
+    differ = [c for c, t in zip(chunks, fast_tokens) if t != tk.spacy_chunk_tokens(c)]
     assert differ == []
-    # The fast path did the work: far fewer spaCy calls than distinct chunks (real text: ~0.35-0.5).
-    assert len(tk._SPANS) < 0.8 * len(chunks), (len(tk._SPANS), len(chunks))
 
     cfg = FiltersConfig()
     cfg.gopher_repetition.enabled = cfg.gopher_quality.enabled = cfg.c4.enabled = cfg.fineweb.enabled = True
@@ -378,11 +380,10 @@ def test_gopher_paragraphs_and_lines_equal_datatrove_regex(collide):
 
 
 def test_batched_spacy_call_equals_one_call_per_chunk():
-    """New chunks go through spaCy in one call per document (data/filters/tokens.py `_learn_spans`); its
-    special-case matcher works across tokens (":(" from ":" and "("), so neighbouring chunks must not
-    shadow each other's special cases. Every ordered pair of emoticon-like chunks, tokenized together,
-    gives each chunk's own tokens."""
-    from data.filters import text as ft
+    """Where the C tokenizer is not built, new chunks go through spaCy in one call per document
+    (data/filters/tokens.py `_spacy_tokens`); its special-case matcher works across tokens (":(" from ":"
+    and "("), so neighbouring chunks must not shadow each other's special cases. Every ordered pair of
+    emoticon-like chunks, tokenized together, gives each chunk's own tokens."""
     from data.filters import tokens as tk
 
     pieces = [
@@ -405,22 +406,9 @@ def test_batched_spacy_call_equals_one_call_per_chunk():
     ]
     pairs = [(a, b) for a in pieces for b in pieces if a != b]
     for a, b in pairs:
-        tk._SPANS.clear()
-        tk._learn_spans([a, b])
-        for chunk in (a, b):
-            starts, stops, _ = tk._SPANS[chunk]
-            assert tuple(chunk[i:j] for i, j in zip(starts, stops)) == tk.spacy_chunk_tokens(chunk), (a, b)
-    # The flag that sends a chunk back to spaCy: a token boundary between two letters ("ca|n't"), in
-    # the middle and at the end of a batch, and not elsewhere.
-    tk._SPANS.clear()
-    tk._learn_spans(["can't", "ban:", "x", "don't"])
-    assert {k: v[2] for k, v in tk._SPANS.items()} == {
-        "can't": True,
-        "ban:": False,
-        "x": False,
-        "don't": True,
-    }
-    ft.clear_caches()
+        assert tk._spacy_tokens([a, b]) == [tk.spacy_chunk_tokens(a), tk.spacy_chunk_tokens(b)], (a, b)
+    together = ["can't", "ban:", "x", "don't", ":)", "(:"]
+    assert tk._spacy_tokens(together) == list(map(tk.spacy_chunk_tokens, together))
 
 
 def test_always_contains_reads_the_pattern():
@@ -452,7 +440,7 @@ def test_always_contains_reads_the_pattern():
     assert not tk._always_contains(re.compile(r"[0-9a]"), non_letter)
     assert not tk._always_contains(re.compile(r"\.", re.IGNORECASE), dot)
     # What the letters-only fast path rests on: no English affix, infix or URL rule can match letters.
-    assert tk._canon().letters_whole
+    assert tk._special_if_letters_whole() is not None
 
 
 def test_tail_suffix_search_equals_full_search():
