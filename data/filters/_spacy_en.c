@@ -118,6 +118,21 @@ static inline const int *branch_list(const Prog *p, const int *tab, const Str *s
     return p->tabs + offs[li];
 }
 
+/* The first candidate of a branch list from index k whose checks pass at pos (see branch in
+ * spacy_en.py), or -1. */
+static inline int next_candidate(const Prog *p, const Str *s, Py_ssize_t pos, const int *lst, int k,
+                                 Py_ssize_t count) {
+    Py_UCS4 ch = pos < s->end ? rd(s, pos) : 0;
+    for (; k < count; k++) {
+        const int *e = lst + 4 * k;
+        if (e[1] >= 0 && !in_set(&p->sets[e[1]], ch)) continue;
+        if (e[2] >= 0 && (pos <= s->begin || !in_set(&p->sets[e[2]], rd(s, pos - 1)))) continue;
+        if (e[3] >= 0 && s->end - pos > e[3] + 1) continue;
+        return k;
+    }
+    return -1;
+}
+
 /* Match the program from pc at pos: the end of the first match in re's order, -1 for none, GAVE_UP.
  * reject_at: a match ending there is refused (finditer after an empty match: the next one must not be
  * empty at the same place). */
@@ -197,13 +212,12 @@ static Py_ssize_t run(Ctx *cx, const Prog *p, const Str *s, int pc, Py_ssize_t p
     branch: {
         const int *tab = p->tabs + c[1];
         lst = branch_list(p, tab, s, pos, &stop);
-        lst += 2 * k;
-        Py_UCS4 ch = pos < s->end ? rd(s, pos) : 0;
-        for (; lst < stop; lst += 2, k++)
-            if (lst[1] < 0 || in_set(&p->sets[lst[1]], ch)) break;
-        if (lst >= stop) goto fail;
-        if (lst + 2 < stop && push(cx, pc, k + 1, pos) < 0) goto nomem;
-        pc = tab[1 + lst[0]];
+        Py_ssize_t count = (stop - lst) / 4;
+        k = next_candidate(p, s, pos, lst, k, count);
+        if (k < 0) goto fail;
+        int again = next_candidate(p, s, pos, lst, k + 1, count);
+        if (again >= 0 && push(cx, pc, again, pos) < 0) goto nomem;
+        pc = tab[1 + lst[4 * k]];
         continue;
     }
     fail:
@@ -722,6 +736,66 @@ err:
     return NULL;
 }
 
+typedef struct {
+    Spans toks, pre, suf, matches, tmp;
+} Work;
+
+static void work_free(Work *w) {
+    free(w->toks.v);
+    free(w->pre.v);
+    free(w->suf.v);
+    free(w->matches.v);
+    free(w->tmp.v);
+}
+
+/* One chunk's tokens as a new tuple ((chunk,) when it is one token), Py_None (new reference) where a
+ * search gave up, NULL on error. */
+static PyObject *chunk_tokens(Tok *T, PyObject *chunk, Work *w) {
+    if (ready(chunk) < 0) return NULL;
+    Py_ssize_t len = PyUnicode_GET_LENGTH(chunk);
+    Str s = {PyUnicode_DATA(chunk), PyUnicode_KIND(chunk), 0, len};
+    PyObject *res;
+    w->toks.n = 0;
+    if (len == 0) return PyTuple_New(0);
+    int whole = 0;
+    if (T->letters_whole) {
+        Py_ssize_t i = 0;
+        while (i < len && Py_UNICODE_ISALPHA(rd(&s, i))) i++;
+        whole = i == len && table_get(&T->specials, &s, 0, len) < 0;
+    }
+    if (!whole) {
+        int sp = table_get(&T->specials, &s, 0, len), rc;
+        if (sp >= 0)
+            rc = push_special(T, &w->toks, sp, 0) < 0 ? -3 : 0;
+        else
+            rc = affix_tokens(T, &s, &w->toks, &w->pre, &w->suf);
+        if (rc == 0) rc = apply_specials(T, &s, &w->toks, &w->matches, &w->tmp);
+        if (rc == GAVE_UP) Py_RETURN_NONE;
+        if (rc < 0) {
+            PyErr_SetString(PyExc_MemoryError, "spacy_en: out of memory or bad program");
+            return NULL;
+        }
+        whole = w->toks.n == 1 && w->toks.v[0] == 0 && w->toks.v[1] == len;
+    }
+    if (whole) {
+        res = PyTuple_Pack(1, chunk);
+    } else {
+        res = PyTuple_New(w->toks.n);
+        for (Py_ssize_t t = 0; res && t < w->toks.n; t++) {
+            PyObject *piece = PyUnicode_Substring(chunk, w->toks.v[2 * t], w->toks.v[2 * t + 1]);
+            if (!piece) {
+                Py_CLEAR(res);
+                break;
+            }
+            PyTuple_SET_ITEM(res, t, piece);
+        }
+    }
+    /* A tuple of strs can be in no reference cycle: untracked, the garbage collector need not visit
+     * the millions a cache holds (CPython would untrack it at its next collection anyway). */
+    if (res) PyObject_GC_UnTrack(res);
+    return res;
+}
+
 /* tokenize(capsule, chunks) -> list: per chunk a tuple of token strs, or None where a search gave up. */
 static PyObject *py_tokenize(PyObject *self, PyObject *args) {
     PyObject *cap, *chunks;
@@ -732,78 +806,58 @@ static PyObject *py_tokenize(PyObject *self, PyObject *args) {
     if (!seq) return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     PyObject *out = PyList_New(n);
-    Spans toks = {0}, pre = {0}, suf = {0}, matches = {0}, tmp = {0};
-    if (!out) goto err;
-    for (Py_ssize_t ci = 0; ci < n; ci++) {
-        PyObject *chunk = PySequence_Fast_GET_ITEM(seq, ci), *res;
-        if (ready(chunk) < 0) goto err;
-        Py_ssize_t len = PyUnicode_GET_LENGTH(chunk);
-        Str s = {PyUnicode_DATA(chunk), PyUnicode_KIND(chunk), 0, len};
-        toks.n = 0;
-        if (len == 0) {
-            res = PyTuple_New(0);
-            if (!res) goto err;
-            PyList_SET_ITEM(out, ci, res);
-            continue;
-        }
-        int whole = 0;
-        if (T->letters_whole) {
-            Py_ssize_t i = 0;
-            while (i < len && Py_UNICODE_ISALPHA(rd(&s, i))) i++;
-            whole = i == len && table_get(&T->specials, &s, 0, len) < 0;
-        }
-        if (!whole) {
-            int sp = table_get(&T->specials, &s, 0, len), rc;
-            if (sp >= 0)
-                rc = push_special(T, &toks, sp, 0) < 0 ? -3 : 0;
-            else
-                rc = affix_tokens(T, &s, &toks, &pre, &suf);
-            if (rc == 0) rc = apply_specials(T, &s, &toks, &matches, &tmp);
-            if (rc == GAVE_UP) {
-                Py_INCREF(Py_None);
-                PyList_SET_ITEM(out, ci, Py_None);
-                continue;
-            }
-            if (rc < 0) {
-                PyErr_SetString(PyExc_MemoryError, "spacy_en: out of memory or bad program");
-                goto err;
-            }
-            whole = toks.n == 1 && toks.v[0] == 0 && toks.v[1] == len;
-        }
-        if (whole) {
-            res = PyTuple_Pack(1, chunk);
-        } else {
-            res = PyTuple_New(toks.n);
-            for (Py_ssize_t t = 0; res && t < toks.n; t++) {
-                PyObject *piece = PyUnicode_Substring(chunk, toks.v[2 * t], toks.v[2 * t + 1]);
-                if (!piece) {
-                    Py_CLEAR(res);
-                    break;
-                }
-                PyTuple_SET_ITEM(res, t, piece);
-            }
-        }
-        if (!res) goto err;
-        /* A tuple of strs can be in no reference cycle: untracked, the garbage collector need not
-         * visit the millions a cache holds (CPython would untrack it at its next collection anyway). */
-        PyObject_GC_UnTrack(res);
-        PyList_SET_ITEM(out, ci, res);
+    Work w = {0};
+    for (Py_ssize_t ci = 0; out && ci < n; ci++) {
+        PyObject *res = chunk_tokens(T, PySequence_Fast_GET_ITEM(seq, ci), &w);
+        if (!res) Py_CLEAR(out);
+        else PyList_SET_ITEM(out, ci, res);
     }
     Py_DECREF(seq);
-    free(toks.v);
-    free(pre.v);
-    free(suf.v);
-    free(matches.v);
-    free(tmp.v);
+    work_free(&w);
     return out;
+}
+
+/* tokenize_into(capsule, chunks, tokens, spaced) -> list of the chunks where a search gave up. Each
+ * other chunk goes into the dict tokens (its tuple) and spaced (its tokens joined by " "), without the
+ * Python-level list, zip and join per chunk. */
+static PyObject *py_tokenize_into(PyObject *self, PyObject *args) {
+    PyObject *cap, *chunks, *tokens, *spaced;
+    if (!PyArg_ParseTuple(args, "OOO!O!", &cap, &chunks, &PyDict_Type, &tokens, &PyDict_Type, &spaced))
+        return NULL;
+    Tok *T = PyCapsule_GetPointer(cap, "spacy_en.Tok");
+    if (!T) return NULL;
+    PyObject *it = PyObject_GetIter(chunks), *hard = PyList_New(0), *space = PyUnicode_FromString(" ");
+    PyObject *chunk;
+    Work w = {0};
+    if (!it || !hard || !space) goto err;
+    while ((chunk = PyIter_Next(it))) {
+        PyObject *res = chunk_tokens(T, chunk, &w), *joined = NULL;
+        int rc = -1;
+        if (res == Py_None)
+            rc = PyList_Append(hard, chunk);
+        else if (res) {
+            if (PyTuple_GET_SIZE(res) == 1) {
+                joined = PyTuple_GET_ITEM(res, 0);
+                Py_INCREF(joined);
+            } else
+                joined = PyUnicode_Join(space, res);
+            if (joined && PyDict_SetItem(tokens, chunk, res) == 0) rc = PyDict_SetItem(spaced, chunk, joined);
+        }
+        Py_XDECREF(res);
+        Py_XDECREF(joined);
+        Py_DECREF(chunk);
+        if (rc < 0) goto err;
+    }
+    if (PyErr_Occurred()) goto err;
+    Py_DECREF(it);
+    Py_DECREF(space);
+    work_free(&w);
+    return hard;
 err:
-    Py_DECREF(seq);
-    Py_XDECREF(out);
-    free(toks.v);
-    free(pre.v);
-    free(suf.v);
-    free(matches.v);
-    free(tmp.v);
+    Py_XDECREF(it);
+    Py_XDECREF(hard);
+    Py_XDECREF(space);
+    work_free(&w);
     return NULL;
 }
 
@@ -860,6 +914,7 @@ static PyObject *py_finditer(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"build", py_build, METH_VARARGS, "Build a tokenizer from compiled programs and special cases."},
     {"tokenize", py_tokenize, METH_VARARGS, "Tokens of each chunk (None where a search gave up)."},
+    {"tokenize_into", py_tokenize_into, METH_VARARGS, "Tokens of chunks into two dicts; returns the rest."},
     {"search", py_search, METH_VARARGS, "A program's pattern.search(s, pos, endpos) span (tests)."},
     {"finditer", py_finditer, METH_VARARGS, "A program's pattern.finditer(s) spans (tests)."},
     {NULL, NULL, 0, NULL},

@@ -15,9 +15,11 @@ from __future__ import annotations
 import re
 from array import array
 from bisect import bisect_left
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 from re import _constants as sc
 from re import _parser as sp
+from typing import NamedTuple
 
 MAXCP = 0x10FFFF
 
@@ -103,7 +105,8 @@ class _Compiler:
     """Parse tree -> one int array of instructions (`code`), the sets (`sets`: sorted inclusive ranges)
     and the branch dispatch tables (`tabs`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, state) -> None:
+        self.state = state  # the parser's state (SubPattern.getwidth reads it)
         self.code = []
         self.sets: list[list[tuple[int, int]]] = []
         self.tabs: list[int] = []
@@ -152,6 +155,20 @@ class _Compiler:
             f, n = self.first(av[2])
             return f, n or av[0] == 0
         raise Unsupported(f"op {op}")
+
+    def guards(self, alt) -> tuple[int, int]:
+        """An alternative's checks before it runs: the set of a one-character lookbehind it starts with
+        (-1: none), and its widest match when it ends at `$` (-1: unbounded or not at `$`)."""
+        prev = -1
+        if alt and alt[0][0] is sc.ASSERT and alt[0][1][0] < 0:
+            body = list(alt[0][1][1])
+            if len(body) == 1 and body[0][0] in (sc.LITERAL, sc.NOT_LITERAL, sc.IN, sc.ANY, sc.CATEGORY):
+                prev = self.set_id(self.first_item(*body[0])[0])
+        maxrem = -1
+        if alt and alt[-1] == (sc.AT, sc.AT_END):
+            hi = sp.SubPattern(self.state, alt).getwidth()[1]
+            maxrem = hi if hi < sc.MAXREPEAT else -1
+        return prev, maxrem
 
     def emit(self, *words) -> int:
         self.code.extend(words)
@@ -220,28 +237,32 @@ class _Compiler:
     def branch(self, alts) -> None:
         """BRANCH ntab: try the alternatives that can start with the current character, in order. The
         table (in `tabs`): n, then each alternative's address, then 258 candidate lists (characters
-        0-255, other characters, end of string) of (alternative, set to check or -1)."""
+        0-255, other characters, end of string) of (alternative, set the character must be in or -1,
+        set the previous character must be in or -1, most characters before `$` or -1): a candidate
+        failing these checks cannot match, so it is skipped without running it (spaCy's unit suffixes
+        `(?<=[0-9])(?:km|m|...)$` fail at once after a letter or far from the end)."""
         at = self.emit(BRANCH, 0)
-        jumps, addrs, firsts = [], [], []
+        jumps, addrs, firsts, guards = [], [], [], []
         for alt in alts:
             addrs.append(len(self.code))
             firsts.append(self.first(alt))
+            guards.append(self.guards(list(alt)))
             self.seq(alt)
             jumps.append(self.emit(JMP, 0))
         end = len(self.code)
         for j in jumps:
             self.code[j + 1] = end
         lists: list[list[int]] = [[] for _ in range(258)]
-        for k, (ranges, nullable) in enumerate(firsts):
+        for k, ((ranges, nullable), (prev, maxrem)) in enumerate(zip(firsts, guards)):
             if nullable:
                 for lst in lists:
-                    lst += [k, -1]
+                    lst += [k, -1, prev, maxrem]
                 continue
             for ch in range(256):
                 if _contains(ranges, ch):
-                    lists[ch] += [k, -1]
+                    lists[ch] += [k, -1, prev, maxrem]
             if ranges and ranges[-1][1] >= 256:
-                lists[256] += [k, self.set_id(ranges)]
+                lists[256] += [k, self.set_id(ranges), prev, maxrem]
         tab = len(self.tabs)
         self.code[at + 1] = tab
         self.tabs += [len(alts), *addrs]
@@ -297,7 +318,7 @@ def compile_pattern(pattern: re.Pattern) -> tuple:
     if not isinstance(pattern.pattern, str):
         raise Unsupported("bytes pattern")
     tree = sp.parse(pattern.pattern, pattern.flags)
-    c = _Compiler()
+    c = _Compiler(tree.state)
     c.seq(tree)
     c.emit(MATCH)
     ranges, nullable = c.first(tree)
@@ -308,9 +329,8 @@ def compile_pattern(pattern: re.Pattern) -> tuple:
 
 
 def compiled():
-    """The compiled English tokenizer (`tokenize(chunks) -> list of token tuples`, None for a chunk on
-    which the matcher gave up), or None where the extension is not built or spaCy's rules use a construct
-    it lacks."""
+    """The compiled English tokenizer (`Compiled`), or None where the extension is not built or spaCy's
+    rules use a construct it lacks."""
     try:
         return _compiled()
     except (ImportError, Unsupported):
@@ -361,9 +381,18 @@ def _compiled():
                 patterns.append(("".join(toks), tuple(map(len, toks))))
     letters_whole = _special_if_letters_whole() is not None
     handle = _spacy_en.build(progs, compile_pattern(url), specials, patterns, url_needs_dot, letters_whole)
-    # chunks -> per chunk a tuple of token strs ((chunk,) for a chunk that is one token), or None for a
-    # chunk on which the matcher gave up (its step limit), which the caller tokenizes with spaCy.
-    return partial(_spacy_en.tokenize, handle)
+    return Compiled(partial(_spacy_en.tokenize, handle), partial(_spacy_en.tokenize_into, handle))
+
+
+class Compiled(NamedTuple):
+    """The C tokenizer's two entry points."""
+
+    tokenize: Callable[[list[str]], list]
+    """chunks -> per chunk a tuple of token strs ((chunk,) for a chunk that is one token), or None for a
+    chunk on which the matcher gave up (its step limit), which the caller tokenizes with spaCy."""
+    into: Callable[[Iterable[str], dict, dict], list[str]]
+    """(chunks, tokens, spaced) -> the chunks on which the matcher gave up; every other chunk is put in
+    the dict `tokens` (its tuple) and `spaced` (its tokens joined by " ")."""
 
 
 def search(pattern: re.Pattern, s: str, pos: int = 0, endpos: int | None = None):

@@ -264,20 +264,17 @@ def _spacy_tokens(chunks: list[str]) -> list[tuple[str, ...]]:
 
 
 def _tokenize_new(new: set[str]) -> None:
-    """Cache the tokens of chunks not seen before: the C tokenizer where it is built, spaCy otherwise
-    and for a chunk on which the C matcher gave up (its step limit)."""
+    """Cache the tokens of chunks not seen before, and their tokens joined by spaces: the C tokenizer
+    where it is built, spaCy otherwise and for a chunk on which the C matcher gave up (its step
+    limit)."""
     from data.filters.spacy_en import compiled
 
-    chunks = list(new)
-    tokenize = compiled()
-    if tokenize is None:
-        _CHUNK_TOKENS.update(zip(chunks, _spacy_tokens(chunks)))
-        return
-    toks = tokenize(chunks)
-    _CHUNK_TOKENS.update(zip(chunks, toks))
-    if None in toks:
-        hard = [c for c, t in zip(chunks, toks) if t is None]
-        _CHUNK_TOKENS.update(zip(hard, _spacy_tokens(hard)))
+    c = compiled()
+    hard = list(new) if c is None else c.into(new, _CHUNK_TOKENS, _SPACED)
+    if hard:
+        toks = _spacy_tokens(hard)
+        _CHUNK_TOKENS.update(zip(hard, toks))
+        _SPACED.update(zip(hard, map(" ".join, toks)))
 
 
 def ensure_tokens(chunks: set[str]) -> dict[str, tuple[str, ...]]:
@@ -290,8 +287,6 @@ def ensure_tokens(chunks: set[str]) -> dict[str, tuple[str, ...]]:
             clear_token_caches()
             new = chunks
         _tokenize_new(new)
-        new = list(new)
-        _SPACED.update(zip(new, map(" ".join, map(_CHUNK_TOKENS.__getitem__, new))))
     return _CHUNK_TOKENS
 
 

@@ -12,9 +12,9 @@ from data.filters import tokens as tk
 
 @pytest.fixture(scope="module")
 def compiled():
-    tokenize = se.compiled()
-    assert tokenize is not None  # the editable install builds the extension; spaCy's rules compile
-    return tokenize
+    c = se.compiled()
+    assert c is not None  # the editable install builds the extension; spaCy's rules compile
+    return c.tokenize
 
 
 def _spacy_or_none(chunk):
