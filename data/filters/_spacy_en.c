@@ -817,15 +817,9 @@ static PyObject *py_tokenize(PyObject *self, PyObject *args) {
     return out;
 }
 
-/* tokenize_into(capsule, chunks, tokens, spaced) -> list of the chunks where a search gave up. Each
- * other chunk goes into the dict tokens (its tuple) and spaced (its tokens joined by " "), without the
- * Python-level list, zip and join per chunk. */
-static PyObject *py_tokenize_into(PyObject *self, PyObject *args) {
-    PyObject *cap, *chunks, *tokens, *spaced;
-    if (!PyArg_ParseTuple(args, "OOO!O!", &cap, &chunks, &PyDict_Type, &tokens, &PyDict_Type, &spaced))
-        return NULL;
-    Tok *T = PyCapsule_GetPointer(cap, "spacy_en.Tok");
-    if (!T) return NULL;
+/* Tokenize each chunk of the iterable into the dicts tokens (its tuple) and spaced (its tokens joined
+ * by " "); returns the list of chunks where a search gave up. */
+static PyObject *fill(Tok *T, PyObject *chunks, PyObject *tokens, PyObject *spaced) {
     PyObject *it = PyObject_GetIter(chunks), *hard = PyList_New(0), *space = PyUnicode_FromString(" ");
     PyObject *chunk;
     Work w = {0};
@@ -859,6 +853,50 @@ err:
     Py_XDECREF(space);
     work_free(&w);
     return NULL;
+}
+
+/* tokenize_into(capsule, chunks, tokens, spaced) -> the chunks where a search gave up; every other
+ * chunk goes into the dicts (see fill), without a Python-level list, zip and join per chunk. */
+static PyObject *py_tokenize_into(PyObject *self, PyObject *args) {
+    PyObject *cap, *chunks, *tokens, *spaced;
+    if (!PyArg_ParseTuple(args, "OOO!O!", &cap, &chunks, &PyDict_Type, &tokens, &PyDict_Type, &spaced))
+        return NULL;
+    Tok *T = PyCapsule_GetPointer(cap, "spacy_en.Tok");
+    return T ? fill(T, chunks, tokens, spaced) : NULL;
+}
+
+/* ensure(capsule, chunks, tokens, spaced, limit) -> the chunks where a search gave up, or None (and
+ * nothing added) when the distinct chunks not in tokens would bring it to `limit` entries. The
+ * iterable may repeat chunks (a document's split): looking each up here costs less than building a
+ * set of them and its difference with the cache. */
+static PyObject *py_ensure(PyObject *self, PyObject *args) {
+    PyObject *cap, *chunks, *tokens, *spaced;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "OOO!O!n", &cap, &chunks, &PyDict_Type, &tokens, &PyDict_Type, &spaced, &limit))
+        return NULL;
+    Tok *T = PyCapsule_GetPointer(cap, "spacy_en.Tok");
+    if (!T) return NULL;
+    PyObject *fresh = PySet_New(NULL), *it = PyObject_GetIter(chunks), *chunk, *out = NULL;
+    if (!fresh || !it) goto done;
+    while ((chunk = PyIter_Next(it))) {
+        int rc = PyDict_Contains(tokens, chunk);
+        if (rc == 0) rc = PySet_Add(fresh, chunk);
+        Py_DECREF(chunk);
+        if (rc < 0) goto done;
+    }
+    if (PyErr_Occurred()) goto done;
+    if (PySet_GET_SIZE(fresh) == 0) {
+        out = PyList_New(0);
+    } else if (PyDict_GET_SIZE(tokens) + PySet_GET_SIZE(fresh) >= limit) {
+        Py_INCREF(Py_None);
+        out = Py_None;
+    } else {
+        out = fill(T, fresh, tokens, spaced);
+    }
+done:
+    Py_XDECREF(fresh);
+    Py_XDECREF(it);
+    return out;
 }
 
 /* search(prog, s, pos, endpos) -> (start, end) or None: pattern.search(s, pos, endpos), for tests. */
@@ -915,6 +953,7 @@ static PyMethodDef methods[] = {
     {"build", py_build, METH_VARARGS, "Build a tokenizer from compiled programs and special cases."},
     {"tokenize", py_tokenize, METH_VARARGS, "Tokens of each chunk (None where a search gave up)."},
     {"tokenize_into", py_tokenize_into, METH_VARARGS, "Tokens of chunks into two dicts; returns the rest."},
+    {"ensure", py_ensure, METH_VARARGS, "tokenize_into for the chunks not in the dict, under a size limit."},
     {"search", py_search, METH_VARARGS, "A program's pattern.search(s, pos, endpos) span (tests)."},
     {"finditer", py_finditer, METH_VARARGS, "A program's pattern.finditer(s) spans (tests)."},
     {NULL, NULL, 0, NULL},

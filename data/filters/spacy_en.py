@@ -381,7 +381,11 @@ def _compiled():
                 patterns.append(("".join(toks), tuple(map(len, toks))))
     letters_whole = _special_if_letters_whole() is not None
     handle = _spacy_en.build(progs, compile_pattern(url), specials, patterns, url_needs_dot, letters_whole)
-    return Compiled(partial(_spacy_en.tokenize, handle), partial(_spacy_en.tokenize_into, handle))
+    return Compiled(
+        partial(_spacy_en.tokenize, handle),
+        partial(_spacy_en.tokenize_into, handle),
+        partial(_spacy_en.ensure, handle),
+    )
 
 
 class Compiled(NamedTuple):
@@ -393,6 +397,9 @@ class Compiled(NamedTuple):
     into: Callable[[Iterable[str], dict, dict], list[str]]
     """(chunks, tokens, spaced) -> the chunks on which the matcher gave up; every other chunk is put in
     the dict `tokens` (its tuple) and `spaced` (its tokens joined by " ")."""
+    ensure: Callable[[Iterable[str], dict, dict, int], list[str] | None]
+    """(chunks, tokens, spaced, limit) -> `into` for the distinct chunks not in `tokens` (the iterable
+    may repeat chunks), or None, with nothing added, when they would bring `tokens` to `limit` entries."""
 
 
 def search(pattern: re.Pattern, s: str, pos: int = 0, endpos: int | None = None):

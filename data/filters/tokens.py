@@ -13,7 +13,7 @@ the unoptimized reference the tests compare against.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 from itertools import chain
 
@@ -263,30 +263,43 @@ def _spacy_tokens(chunks: list[str]) -> list[tuple[str, ...]]:
     return [tuple(x) if len(x) != 1 or x[0] != c else (c,) for x, c in zip(out, chunks)]
 
 
-def _tokenize_new(new: set[str]) -> None:
-    """Cache the tokens of chunks not seen before, and their tokens joined by spaces: the C tokenizer
-    where it is built, spaCy otherwise and for a chunk on which the C matcher gave up (its step
-    limit)."""
+def _add_spacy(chunks: list[str]) -> None:
+    """Cache spaCy's tokens of new chunks (one call for all of them) and their tokens joined by spaces."""
+    toks = _spacy_tokens(chunks)
+    _CHUNK_TOKENS.update(zip(chunks, toks))
+    _SPACED.update(zip(chunks, map(" ".join, toks)))
+
+
+def _ensure(chunks: Iterable[str]) -> None:
+    """Cache the tokens of those of `chunks` (which may repeat) not cached yet, and their tokens joined
+    by spaces: with the C tokenizer where it is built (and spaCy for a chunk on which its matcher gave
+    up: its step limit), with spaCy otherwise. When the cache would grow to _CACHE_LIMIT entries it is
+    emptied first and all of `chunks` tokenized, so every one of them is cached."""
     from data.filters.spacy_en import compiled
 
     c = compiled()
-    hard = list(new) if c is None else c.into(new, _CHUNK_TOKENS, _SPACED)
+    if c is None:
+        chunks = set(chunks)
+        new = chunks.difference(_CHUNK_TOKENS)
+        if len(_CHUNK_TOKENS) + len(new) >= _CACHE_LIMIT:
+            clear_token_caches()
+            new = chunks
+        if new:
+            _add_spacy(list(new))
+        return
+    hard = c.ensure(chunks, _CHUNK_TOKENS, _SPACED, _CACHE_LIMIT)
+    if hard is None:
+        clear_token_caches()
+        hard = c.into(set(chunks), _CHUNK_TOKENS, _SPACED)
     if hard:
-        toks = _spacy_tokens(hard)
-        _CHUNK_TOKENS.update(zip(hard, toks))
-        _SPACED.update(zip(hard, map(" ".join, toks)))
+        _add_spacy(hard)
 
 
 def ensure_tokens(chunks: set[str]) -> dict[str, tuple[str, ...]]:
     """Cache the tokens of those of `chunks` not cached yet and return the cache (chunk -> tokens). When
     the cache would grow past _CACHE_LIMIT entries it is emptied first and all of `chunks` tokenized, so
     every one of them is in the returned cache."""
-    new = chunks.difference(_CHUNK_TOKENS)
-    if new:
-        if len(_CHUNK_TOKENS) + len(new) >= _CACHE_LIMIT:
-            clear_token_caches()
-            new = chunks
-        _tokenize_new(new)
+    _ensure(chunks)
     return _CHUNK_TOKENS
 
 
@@ -337,4 +350,4 @@ def spaced_words(text: str) -> str:
 
 def tokenize_chunks(text: str) -> None:
     """Cache the tokens of every chunk of `text` not seen before."""
-    ensure_tokens(set(text.split()))
+    _ensure(text.split())
