@@ -342,7 +342,13 @@ typedef struct {
     Entry *slots;
     Py_ssize_t mask;
     Py_ssize_t maxlen;
+    uint64_t bloom[64]; /* bits of (length, first, last character) of the keys: most misses stop here */
 } Table;
+
+static inline unsigned bloom_bit(Py_ssize_t len, Py_UCS4 first, Py_UCS4 last) {
+    uint32_t h = (uint32_t)len * 0x9E3779B1u ^ first * 0x85EBCA77u ^ last * 0xC2B2AE3Du;
+    return (h ^ (h >> 15)) & 4095;
+}
 
 static inline uint64_t hash_str(const Str *s, Py_ssize_t a, Py_ssize_t b) {
     uint64_t h = 1469598103934665603ULL ^ (uint64_t)(b - a);
@@ -361,6 +367,7 @@ static int table_init(Table *t, Py_ssize_t n) {
     }
     t->mask = size - 1;
     t->maxlen = 0;
+    memset(t->bloom, 0, sizeof(t->bloom));
     return 0;
 }
 
@@ -371,9 +378,17 @@ static void table_free(Table *t) {
     t->slots = NULL;
 }
 
+static int table_get_empty(const Table *t) {
+    for (Py_ssize_t i = 0; i <= t->mask; i++)
+        if (t->slots[i].value >= 0 && t->slots[i].len == 0) return t->slots[i].value;
+    return -1;
+}
+
 /* The value of s[a:b], or -1. */
 static int table_get(const Table *t, const Str *s, Py_ssize_t a, Py_ssize_t b) {
-    if (b - a > t->maxlen) return -1;
+    if (b - a > t->maxlen || b == a) return b == a ? table_get_empty(t) : -1;
+    unsigned bit = bloom_bit(b - a, rd(s, a), rd(s, b - 1));
+    if (!((t->bloom[bit >> 6] >> (bit & 63)) & 1)) return -1;
     uint64_t h = hash_str(s, a, b);
     for (Py_ssize_t i = (Py_ssize_t)(h & t->mask);; i = (i + 1) & t->mask) {
         Entry *e = &t->slots[i];
@@ -398,6 +413,10 @@ static int table_set(Table *t, PyObject *str, int value) {
     e->len = len;
     e->value = value;
     if (len > t->maxlen) t->maxlen = len;
+    if (len) {
+        unsigned bit = bloom_bit(len, rd(&s, 0), rd(&s, len - 1));
+        t->bloom[bit >> 6] |= 1ULL << (bit & 63);
+    }
     return 0;
 }
 
@@ -876,26 +895,51 @@ static PyObject *py_ensure(PyObject *self, PyObject *args) {
         return NULL;
     Tok *T = PyCapsule_GetPointer(cap, "spacy_en.Tok");
     if (!T) return NULL;
-    PyObject *fresh = PySet_New(NULL), *it = PyObject_GetIter(chunks), *chunk, *out = NULL;
-    if (!fresh || !it) goto done;
-    while ((chunk = PyIter_Next(it))) {
+    /* A document repeats chunks: each distinct one is looked up in the (large, cache-missing) dict once,
+     * after a probe of a small table of this call's chunks by their str hash. */
+    PyObject *seq = PySequence_Fast(chunks, "chunks must be iterable"), *fresh = NULL, *out = NULL;
+    PyObject **seen = NULL;
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), size = 16;
+    while (size < 2 * n) size *= 2;
+    seen = calloc(size, sizeof(PyObject *));
+    fresh = PyList_New(0);
+    if (!seen || !fresh) {
+        if (!seen) PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *chunk = PySequence_Fast_GET_ITEM(seq, i);
+        Py_hash_t h = PyObject_Hash(chunk);
+        if (h == -1) goto done;
+        Py_ssize_t j = (Py_ssize_t)((size_t)h & (size - 1));
+        int dup = 0;
+        for (; seen[j]; j = (j + 1) & (size - 1)) {
+            int eq = PyObject_RichCompareBool(seen[j], chunk, Py_EQ);
+            if (eq < 0) goto done;
+            if (eq) {
+                dup = 1;
+                break;
+            }
+        }
+        if (dup) continue;
+        seen[j] = chunk;
         int rc = PyDict_Contains(tokens, chunk);
-        if (rc == 0) rc = PySet_Add(fresh, chunk);
-        Py_DECREF(chunk);
+        if (rc == 0) rc = PyList_Append(fresh, chunk);
         if (rc < 0) goto done;
     }
-    if (PyErr_Occurred()) goto done;
-    if (PySet_GET_SIZE(fresh) == 0) {
+    if (PyList_GET_SIZE(fresh) == 0) {
         out = PyList_New(0);
-    } else if (PyDict_GET_SIZE(tokens) + PySet_GET_SIZE(fresh) >= limit) {
+    } else if (PyDict_GET_SIZE(tokens) + PyList_GET_SIZE(fresh) >= limit) {
         Py_INCREF(Py_None);
         out = Py_None;
     } else {
         out = fill(T, fresh, tokens, spaced);
     }
 done:
+    free(seen);
     Py_XDECREF(fresh);
-    Py_XDECREF(it);
+    Py_DECREF(seq);
     return out;
 }
 
