@@ -293,7 +293,7 @@ def _tail(c: _Compiler, tree) -> tuple[int, int]:
     """(W, far): every alternative of the pattern that ends at `$` with at most W characters can only
     match within W + 1 characters of the string's end (`$` also matches before a final newline); far
     is the set the other alternatives start with, the only ones a search must try further from the end
-    (spaCy's suffixes: W = 7 and `\\.\\.+$`, so far = "."). W = -1 where that reading does not apply."""
+    (spaCy's suffixes: W = 5 and `\\.\\.+$`, so far = "."). W = -1 where that reading does not apply."""
     items = list(tree)
     alts = items[0][1][1] if len(items) == 1 and items[0][0] is sc.BRANCH else [items]
     widest, far = 0, []
@@ -389,7 +389,7 @@ def _compiled():
 
 
 class Compiled(NamedTuple):
-    """The C tokenizer's two entry points."""
+    """The C tokenizer's entry points."""
 
     tokenize: Callable[[list[str]], list]
     """chunks -> per chunk a tuple of token strs ((chunk,) for a chunk that is one token), or None for a
