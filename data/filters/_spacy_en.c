@@ -20,6 +20,7 @@ typedef struct {
     Py_ssize_t n; /* number of ranges */
     Py_UCS4 *r;   /* lo, hi pairs, sorted, inclusive */
     uint8_t latin[32];
+    uint8_t *bmp; /* a bit per code point below 0x10000, for the sets a search tests at every position */
 } Set;
 
 typedef struct {
@@ -53,6 +54,7 @@ static inline Py_UCS4 rd(const Str *s, Py_ssize_t i) { return PyUnicode_READ(s->
 
 static inline int in_set(const Set *set, Py_UCS4 ch) {
     if (ch < 256) return (set->latin[ch >> 3] >> (ch & 7)) & 1;
+    if (set->bmp && ch < 0x10000) return (set->bmp[ch >> 3] >> (ch & 7)) & 1;
     Py_ssize_t lo = 0, hi = set->n;
     while (lo < hi) {
         Py_ssize_t mid = (lo + hi) / 2;
@@ -289,7 +291,10 @@ static void prog_free(Prog *p) {
     free(p->code);
     free(p->tabs);
     if (p->sets)
-        for (Py_ssize_t i = 0; i < p->nsets; i++) free(p->sets[i].r);
+        for (Py_ssize_t i = 0; i < p->nsets; i++) {
+            free(p->sets[i].r);
+            free(p->sets[i].bmp);
+        }
     free(p->sets);
     memset(p, 0, sizeof(*p));
 }
@@ -324,6 +329,18 @@ static int prog_load(Prog *p, PyObject *t) {
                 set->latin[ch >> 3] |= (uint8_t)(1 << (ch & 7));
     }
     Py_DECREF(seq);
+    int tested[2] = {p->first, p->tail >= 0 ? p->far : -1};
+    for (int t = 0; t < 2; t++) {
+        if (tested[t] < 0 || tested[t] >= p->nsets || p->sets[tested[t]].bmp) continue;
+        Set *set = &p->sets[tested[t]];
+        if (!(set->bmp = calloc(0x10000 / 8, 1))) {
+            PyErr_NoMemory();
+            goto err;
+        }
+        for (Py_ssize_t j = 0; j < set->n; j++)
+            for (Py_UCS4 ch = set->r[2 * j]; ch <= set->r[2 * j + 1] && ch < 0x10000; ch++)
+                set->bmp[ch >> 3] |= (uint8_t)(1 << (ch & 7));
+    }
     return 0;
 err:
     prog_free(p);
