@@ -960,6 +960,80 @@ done:
     return out;
 }
 
+/* ensure_text(capsule, text, tokens, spaced, limit): ensure for the whitespace-separated chunks of text
+ * (str.split()), which it finds itself: a str is made only for each distinct chunk of the text, not for
+ * every repeat of it. */
+static PyObject *py_ensure_text(PyObject *self, PyObject *args) {
+    PyObject *cap, *text, *tokens, *spaced;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "OUO!O!n", &cap, &text, &PyDict_Type, &tokens, &PyDict_Type, &spaced, &limit) ||
+        ready(text) < 0)
+        return NULL;
+    Tok *T = PyCapsule_GetPointer(cap, "spacy_en.Tok");
+    if (!T) return NULL;
+    Str s = {PyUnicode_DATA(text), PyUnicode_KIND(text), 0, PyUnicode_GET_LENGTH(text)};
+    Spans chunks = {0};
+    Py_ssize_t *seen = NULL, size = 16;
+    uint64_t *hashes = NULL;
+    PyObject *fresh = NULL, *out = NULL;
+    for (Py_ssize_t i = 0; i < s.end;) {
+        while (i < s.end && Py_UNICODE_ISSPACE(rd(&s, i))) i++;
+        Py_ssize_t start = i;
+        while (i < s.end && !Py_UNICODE_ISSPACE(rd(&s, i))) i++;
+        if (i > start && spans_push(&chunks, start, i) < 0) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    }
+    while (size < 2 * chunks.n) size *= 2;
+    seen = malloc(size * sizeof(Py_ssize_t));
+    hashes = malloc(size * sizeof(uint64_t));
+    fresh = PyList_New(0);
+    if (!seen || !hashes || !fresh) {
+        if (fresh) PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t j = 0; j < size; j++) seen[j] = -1;
+    for (Py_ssize_t c = 0; c < chunks.n; c++) {
+        Py_ssize_t a = chunks.v[2 * c], b = chunks.v[2 * c + 1];
+        uint64_t h = hash_str(&s, a, b);
+        Py_ssize_t j = (Py_ssize_t)(h & (uint64_t)(size - 1));
+        int dup = 0;
+        for (; seen[j] >= 0; j = (j + 1) & (size - 1)) {
+            Py_ssize_t a2 = chunks.v[2 * seen[j]], b2 = chunks.v[2 * seen[j] + 1], k = 0;
+            if (hashes[j] != h || b2 - a2 != b - a) continue;
+            while (k < b - a && rd(&s, a + k) == rd(&s, a2 + k)) k++;
+            if (k == b - a) {
+                dup = 1;
+                break;
+            }
+        }
+        if (dup) continue;
+        seen[j] = c;
+        hashes[j] = h;
+        PyObject *chunk = PyUnicode_Substring(text, a, b);
+        if (!chunk) goto done;
+        int rc = PyDict_Contains(tokens, chunk);
+        if (rc == 0) rc = PyList_Append(fresh, chunk);
+        Py_DECREF(chunk);
+        if (rc < 0) goto done;
+    }
+    if (PyList_GET_SIZE(fresh) == 0) {
+        out = PyList_New(0);
+    } else if (PyDict_GET_SIZE(tokens) + PyList_GET_SIZE(fresh) >= limit) {
+        Py_INCREF(Py_None);
+        out = Py_None;
+    } else {
+        out = fill(T, fresh, tokens, spaced);
+    }
+done:
+    free(chunks.v);
+    free(seen);
+    free(hashes);
+    Py_XDECREF(fresh);
+    return out;
+}
+
 /* search(prog, s, pos, endpos) -> (start, end) or None: pattern.search(s, pos, endpos), for tests. */
 static PyObject *py_search(PyObject *self, PyObject *args) {
     PyObject *t, *str;
@@ -1015,6 +1089,7 @@ static PyMethodDef methods[] = {
     {"tokenize", py_tokenize, METH_VARARGS, "Tokens of each chunk (None where a search gave up)."},
     {"tokenize_into", py_tokenize_into, METH_VARARGS, "Tokens of chunks into two dicts; returns the rest."},
     {"ensure", py_ensure, METH_VARARGS, "tokenize_into for the chunks not in the dict, under a size limit."},
+    {"ensure_text", py_ensure_text, METH_VARARGS, "ensure for the whitespace-separated chunks of a text."},
     {"search", py_search, METH_VARARGS, "A program's pattern.search(s, pos, endpos) span (tests)."},
     {"finditer", py_finditer, METH_VARARGS, "A program's pattern.finditer(s) spans (tests)."},
     {NULL, NULL, 0, NULL},

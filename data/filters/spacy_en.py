@@ -385,6 +385,7 @@ def _compiled():
         partial(_spacy_en.tokenize, handle),
         partial(_spacy_en.tokenize_into, handle),
         partial(_spacy_en.ensure, handle),
+        partial(_spacy_en.ensure_text, handle),
     )
 
 
@@ -400,6 +401,8 @@ class Compiled(NamedTuple):
     ensure: Callable[[Iterable[str], dict, dict, int], list[str] | None]
     """(chunks, tokens, spaced, limit) -> `into` for the distinct chunks not in `tokens` (the iterable
     may repeat chunks), or None, with nothing added, when they would bring `tokens` to `limit` entries."""
+    ensure_text: Callable[[str, dict, dict, int], list[str] | None]
+    """(text, tokens, spaced, limit) -> `ensure` for the chunks of `text.split()`, split in C."""
 
 
 def search(pattern: re.Pattern, s: str, pos: int = 0, endpos: int | None = None):

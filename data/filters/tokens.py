@@ -270,16 +270,17 @@ def _add_spacy(chunks: list[str]) -> None:
     _SPACED.update(zip(chunks, map(" ".join, toks)))
 
 
-def _ensure(chunks: Iterable[str]) -> None:
-    """Cache the tokens of those of `chunks` (which may repeat) not cached yet, and their tokens joined
-    by spaces: with the C tokenizer where it is built (and spaCy for a chunk on which its matcher gave
-    up: its step limit), with spaCy otherwise. When the cache would grow to _CACHE_LIMIT entries it is
-    emptied first and all of `chunks` tokenized, so every one of them is cached."""
+def _ensure(chunks: Iterable[str] | None, text: str = "") -> None:
+    """Cache the tokens of those of `chunks` (which may repeat; None: `text.split()`) not cached yet,
+    and their tokens joined by spaces: with the C tokenizer where it is built (and spaCy for a chunk on
+    which its matcher gave up: its step limit), with spaCy otherwise. When the cache would grow to
+    _CACHE_LIMIT entries it is emptied first and all of `chunks` tokenized, so every one of them is
+    cached."""
     from data.filters.spacy_en import compiled
 
     c = compiled()
     if c is None:
-        chunks = set(chunks)
+        chunks = set(text.split() if chunks is None else chunks)
         new = chunks.difference(_CHUNK_TOKENS)
         if len(_CHUNK_TOKENS) + len(new) >= _CACHE_LIMIT:
             clear_token_caches()
@@ -287,10 +288,13 @@ def _ensure(chunks: Iterable[str]) -> None:
         if new:
             _add_spacy(list(new))
         return
-    hard = c.ensure(chunks, _CHUNK_TOKENS, _SPACED, _CACHE_LIMIT)
+    if chunks is None:
+        hard = c.ensure_text(text, _CHUNK_TOKENS, _SPACED, _CACHE_LIMIT)
+    else:
+        hard = c.ensure(chunks, _CHUNK_TOKENS, _SPACED, _CACHE_LIMIT)
     if hard is None:
         clear_token_caches()
-        hard = c.into(set(chunks), _CHUNK_TOKENS, _SPACED)
+        hard = c.into(set(text.split() if chunks is None else chunks), _CHUNK_TOKENS, _SPACED)
     if hard:
         _add_spacy(hard)
 
@@ -350,4 +354,4 @@ def spaced_words(text: str) -> str:
 
 def tokenize_chunks(text: str) -> None:
     """Cache the tokens of every chunk of `text` not seen before."""
-    _ensure(text.split())
+    _ensure(None, text)

@@ -158,3 +158,31 @@ def test_fallback_without_the_extension(monkeypatch):
     monkeypatch.setattr(se, "compiled", lambda: None)
     assert [tk.chunk_tokens(c) for c in chunks] == list(map(tk.spacy_chunk_tokens, chunks))
     ft.clear_caches()
+
+
+def test_tokenize_chunks_splits_like_str_split(monkeypatch):
+    """tokenize_chunks splits the text in C (spacy_en ensure_text): it caches exactly the chunks of
+    `text.split()` (Unicode whitespace included, repeats once), and under a small cache limit it empties
+    the cache first and still caches every chunk of the document."""
+    from data.filters import text as ft
+
+    ws = " \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\x85\xa0\u1680\u2000\u2007\u2028\u2029\u202f\u3000"
+    rng = random.Random(1)
+    words = ["can't", "(a)", "x", "5km.", "\u4e00\u4e8c", "U.S.", "a-b", "\u200b", "\ufeffz", "\ud800"]
+    texts = [
+        "".join(rng.choice(words) + rng.choice(ws) * rng.randint(0, 2) for _ in range(rng.randint(0, 12)))
+        for _ in range(300)
+    ]
+    ft.clear_caches()
+    for t in texts:
+        before = set(tk._CHUNK_TOKENS)
+        tk.tokenize_chunks(t)
+        assert set(tk._CHUNK_TOKENS) == before | set(t.split()), repr(t)
+    assert all(tk._SPACED[c] == " ".join(tk._CHUNK_TOKENS[c]) for c in tk._CHUNK_TOKENS)
+    ft.clear_caches()
+    monkeypatch.setattr(tk, "_CACHE_LIMIT", 8)
+    for t in texts:
+        tk.tokenize_chunks(t)
+        assert set(t.split()) <= set(tk._CHUNK_TOKENS), repr(t)
+        assert len(tk._CHUNK_TOKENS) < 8 + len(set(t.split()))
+    ft.clear_caches()
