@@ -11,7 +11,7 @@
 
 enum { OP_CHAR, OP_SET, OP_ANY, OP_JMP, OP_SPLIT, OP_BRANCH, OP_AT, OP_ASSERT, OP_MATCH };
 
-/* A search that backtracks more than this gives up, and the caller asks spaCy (re has no limit; a
+/* A search that runs more steps than this gives up, and the caller asks spaCy (re has no limit; a
  * pathological chunk must not hang here nor come out different). */
 #define STEP_LIMIT (1L << 22)
 #define GAVE_UP (-2)
@@ -104,7 +104,7 @@ static int at_ok(int kind, const Str *s, Py_ssize_t pos) {
     return 0;
 }
 
-/* The candidate alternatives of a branch at pos: pairs (alternative, set to check or -1). */
+/* The candidate alternatives of a branch at pos: entries of 4 ints (see branch in spacy_en.py). */
 static inline const int *branch_list(const Prog *p, const int *tab, const Str *s, Py_ssize_t pos,
                                      const int **stop) {
     int nalt = tab[0];
@@ -263,7 +263,7 @@ static Py_ssize_t search(Ctx *cx, const Prog *p, const Str *s, Py_ssize_t from, 
     return -1;
 }
 
-/* ---- programs from Python: (code, sets, tabs, first, anchored) ---- */
+/* ---- programs from Python: (code, sets, tabs, first, anchored, tail, far) ---- */
 
 static int *int_array(PyObject *obj, Py_ssize_t *len) {
     Py_buffer view;
