@@ -5,6 +5,14 @@ the named reason the document is dropped (`<filter>/<rule>`, e.g. `gopher_qualit
 
 from __future__ import annotations
 
+try:  # the per-chunk hot loops in C (data/filters/*.c), compiled by the install
+    from data.filters import _chunks, _repetition  # noqa: F401
+except ImportError as e:
+    raise ImportError(
+        f"the C extensions in data/filters/ are not compiled ({e}): reinstall with `pip install -e .` "
+        "(`make` does it), which builds them in place (a C compiler and the Python headers are needed)"
+    ) from e
+
 from data.config import FiltersConfig
 from data.filters.c4 import C4Lines
 from data.filters.fineweb import FineWebQuality

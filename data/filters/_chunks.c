@@ -227,15 +227,13 @@ static int is_letters(PyObject *chunk) {
     return n > 0;
 }
 
-/* spaced(text, cache, special, join, limit) -> the document's tokens joined by single spaces.
+/* spaced(text, cache, special, join) -> the document's tokens joined by single spaces.
  * A chunk of letters that is not in `special` (a set; None: no such shortcut) is itself; any other chunk's
- * spaced tokens come from cache (dict chunk -> str), and join(list of chunks) -> their spaced tokens is
- * called once per document with the chunks not in it; the cache is emptied first when it would reach
- * `limit` entries. */
+ * spaced tokens come from cache (dict chunk -> str, read only here), and join(list of chunks) -> their
+ * spaced tokens (caching them as it sees fit) is called once per document with the chunks not in it. */
 static PyObject *spaced(PyObject *self, PyObject *args) {
     PyObject *text, *cache, *special, *join;
-    Py_ssize_t limit;
-    if (!PyArg_ParseTuple(args, "UO!OOn", &text, &PyDict_Type, &cache, &special, &join, &limit)) return NULL;
+    if (!PyArg_ParseTuple(args, "UO!OO", &text, &PyDict_Type, &cache, &special, &join)) return NULL;
     if (special != Py_None && !PyAnySet_Check(special)) {
         PyErr_SetString(PyExc_TypeError, "special must be a set or None");
         return NULL;
@@ -295,14 +293,13 @@ static PyObject *spaced(PyObject *self, PyObject *args) {
             PyErr_SetString(PyExc_TypeError, "join must return a list with one str per chunk");
             goto done;
         }
-        if (PyDict_GET_SIZE(cache) + PyList_GET_SIZE(distinct) >= limit) PyDict_Clear(cache);
         for (Py_ssize_t k = 0; k < PyList_GET_SIZE(distinct); k++) {
             PyObject *chunk = PyList_GET_ITEM(distinct, k), *value = PyList_GET_ITEM(joined, k);
             if (!PyUnicode_Check(value)) {
                 PyErr_SetString(PyExc_TypeError, "join must return a list with one str per chunk");
                 goto done;
             }
-            if (PyDict_SetItem(cache, chunk, value) < 0 || PyDict_SetItem(fresh, chunk, value) < 0) goto done;
+            if (PyDict_SetItem(fresh, chunk, value) < 0) goto done;
         }
         for (Py_ssize_t k = 0; k < nm; k++) {
             Py_ssize_t at = PyLong_AsSsize_t(PyList_GET_ITEM(missing, k));
@@ -331,7 +328,7 @@ static PyMethodDef methods[] = {
     {"setup", setup, METH_VARARGS, "setup(punctuation, stop_words): the symbol characters and stop words."},
     {"count", count, METH_VARARGS,
      "count(text, cache, tokenize, limit) -> (words, non_symbol, non_symbol_chars, alpha, stop_words)."},
-    {"spaced", spaced, METH_VARARGS, "spaced(text, cache, special, join, limit) -> the tokens joined by spaces."},
+    {"spaced", spaced, METH_VARARGS, "spaced(text, cache, special, join) -> the tokens joined by spaces."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -13,15 +13,8 @@ import re
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
+from data.filters import _chunks
 from data.filters.tokens import chunk_tokens, clear_token_caches, ensure_tokens, spaced_words
-
-try:
-    from data.filters import _chunks
-except ImportError as e:
-    raise ImportError(
-        "data/filters/_chunks.c is not compiled: reinstall with `pip install -e .` (`make` does it), "
-        "which builds the C extensions in place"
-    ) from e
 
 # datatrove/utils/text.py PUNCTUATION (symbols, CJK brackets and C0/C1 control characters) and
 # TERMINAL_PUNCTUATION (sentence-final marks of many scripts), copied so decisions match datatrove's.
@@ -158,7 +151,7 @@ def word_counts(text: str) -> WordCounts:
 
 
 def clear_caches() -> None:
-    """Forget every cached chunk, representative, sentence step and count (benchmarks measure a cold
+    """Forget every cached chunk, sentence step and count (benchmarks measure a cold
     start)."""
     clear_token_caches()
     _STEPS.clear()

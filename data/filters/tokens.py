@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable
 from functools import lru_cache
 from itertools import chain
 
+from data.filters import _chunks
+
 
 @lru_cache(maxsize=1)
 def _tokenizer():
@@ -334,22 +336,18 @@ def split_words(text: str) -> list[str]:
     return list(chain.from_iterable(toks))
 
 
+def _spaced_of(chunks: list[str]) -> list[str]:
+    _ensure(chunks)
+    return list(map(_SPACED.__getitem__, chunks))
+
+
 def spaced_words(text: str) -> str:
     """ " ".join(split_words(text)) without the word list (tokens hold no whitespace, so splitting it at
-    " " gives the words back). A chunk of letters that is no special case is itself
-    (`_special_if_letters_whole`); any other chunk's tokens joined by spaces are cached with its tokens.
-    Telling the two apart was 4% faster than looking every chunk up in a cache of millions of entries (a
-    lookup waits on memory)."""
-    chunks = text.split()
-    special, get = _special_if_letters_whole(), _SPACED.get
-    if special is not None:
-        parts = [c if c.isalpha() and c not in special else get(c) for c in chunks]
-    else:
-        parts = list(map(get, chunks))
-    if None in parts:
-        cache = ensure_tokens({c for c, p in zip(chunks, parts) if p is None})
-        parts = [p if p is not None else " ".join(cache[c]) for c, p in zip(chunks, parts)]
-    return " ".join(parts)
+    " " gives the words back), joined in C from the chunks' cached spaced tokens (`_chunks.spaced`). A
+    chunk of letters that is no special case is itself (`_special_if_letters_whole`): telling the two
+    apart is faster than looking every chunk up in a cache of millions of entries (a lookup waits on
+    memory)."""
+    return _chunks.spaced(text, _SPACED, _special_if_letters_whole(), _spaced_of)
 
 
 def tokenize_chunks(text: str) -> None:
