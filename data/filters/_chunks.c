@@ -8,6 +8,8 @@
  * - count: GopherQuality's counts, summed: words, words with a character outside PUNCTUATION_SET
  *   ("non-symbol"), their total length, words with a letter, and which stop words occur (a bit mask,
  *   OR-ed); a chunk's counts are 20 bytes in a dict.
+ * - line_marks: GopherQuality's line counts (lines, lines starting with a bullet, lines ending in an
+ *   ellipsis), as str.splitlines, lstrip and rstrip read them.
  * - spaced: the words joined by single spaces (what GopherRepetition hashes); a chunk of letters that is
  *   no special case is its own token and needs no lookup.
  * Chunks are split as str.split() does.
@@ -91,6 +93,44 @@ static Py_ssize_t next_chunk(int kind, const void *data, Py_ssize_t n, Py_ssize_
     return start;
 }
 
+/* Add one word to a chunk's counts. */
+static int add_word(PyObject *word, ChunkCounts *out) {
+    Py_ssize_t len = PyUnicode_GET_LENGTH(word);
+    int kind = PyUnicode_KIND(word);
+    const void *data = PyUnicode_DATA(word);
+    int non_symbol = 0, alpha = 0;
+    for (Py_ssize_t i = 0; i < len && !(non_symbol && alpha); i++) {
+        Py_UCS4 ch = PyUnicode_READ(kind, data, i);
+        if (!non_symbol && !is_punct(ch)) non_symbol = 1;
+        if (!alpha && Py_UNICODE_ISALPHA(ch)) alpha = 1;
+    }
+    out->words += 1;
+    out->non_symbol += non_symbol;
+    out->non_symbol_chars += non_symbol ? (uint32_t)len : 0;
+    out->alpha += alpha;
+    PyObject *bit = PyDict_GetItemWithError(stop_bits, word);
+    if (bit) out->stop_mask |= (uint32_t)PyLong_AsUnsignedLong(bit);
+    else if (PyErr_Occurred()) return -1;
+    return 0;
+}
+
+static int is_letters(PyObject *chunk) {
+    Py_ssize_t n = PyUnicode_GET_LENGTH(chunk);
+    int kind = PyUnicode_KIND(chunk);
+    const void *data = PyUnicode_DATA(chunk);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!Py_UNICODE_ISALPHA(PyUnicode_READ(kind, data, i))) return 0;
+    return n > 0;
+}
+
+/* Whether a chunk is its own and only token without asking the tokenizer: letters only and no special
+ * case (`special`: spaCy's special-case strings, or None where the patterns can split letters). */
+static int whole_word(PyObject *chunk, PyObject *special) {
+    if (special == Py_None || !is_letters(chunk)) return 0;
+    int in = PySet_Contains(special, chunk);
+    return in < 0 ? -1 : !in;
+}
+
 /* The counts of one chunk from its tokens (a tuple of str). */
 static int chunk_counts(PyObject *tokens, ChunkCounts *out) {
     if (!PyTuple_Check(tokens)) {
@@ -104,22 +144,7 @@ static int chunk_counts(PyObject *tokens, ChunkCounts *out) {
             PyErr_SetString(PyExc_TypeError, "tokenize must return a tuple of str per chunk");
             return -1;
         }
-        Py_ssize_t len = PyUnicode_GET_LENGTH(word);
-        int kind = PyUnicode_KIND(word);
-        const void *data = PyUnicode_DATA(word);
-        int non_symbol = 0, alpha = 0;
-        for (Py_ssize_t i = 0; i < len && !(non_symbol && alpha); i++) {
-            Py_UCS4 ch = PyUnicode_READ(kind, data, i);
-            if (!non_symbol && !is_punct(ch)) non_symbol = 1;
-            if (!alpha && Py_UNICODE_ISALPHA(ch)) alpha = 1;
-        }
-        out->words += 1;
-        out->non_symbol += non_symbol;
-        out->non_symbol_chars += non_symbol ? (uint32_t)len : 0;
-        out->alpha += alpha;
-        PyObject *bit = PyDict_GetItemWithError(stop_bits, word);
-        if (bit) out->stop_mask |= (uint32_t)PyLong_AsUnsignedLong(bit);
-        else if (PyErr_Occurred()) return -1;
+        if (add_word(word, out) < 0) return -1;
     }
     return 0;
 }
@@ -132,14 +157,20 @@ static void add(uint64_t sum[4], uint32_t *mask, const ChunkCounts *c) {
     *mask |= c->stop_mask;
 }
 
-/* count(text, cache, tokenize, limit) -> (words, non_symbol, non_symbol_chars, alpha, stop words seen).
- * cache: dict chunk -> counts (bytes), filled here; tokenize(list of chunks) -> their token tuples, called
- * once per document with the chunks not in the cache; the cache is emptied first when it would reach
- * `limit` entries. */
+/* count(text, cache, special, tokenize, limit) -> (words, non_symbol, non_symbol_chars, alpha, stop words
+ * seen). cache: dict chunk -> counts (bytes), filled here; a new chunk of letters that is not in `special`
+ * (a set; None: no such shortcut) is one word; tokenize(list of chunks) -> their token tuples is called
+ * once per document with the other chunks not in the cache; the cache is emptied first when it would
+ * reach `limit` entries. */
 static PyObject *count(PyObject *self, PyObject *args) {
-    PyObject *text, *cache, *tokenize;
+    PyObject *text, *cache, *special, *tokenize;
     Py_ssize_t limit;
-    if (!PyArg_ParseTuple(args, "UO!On", &text, &PyDict_Type, &cache, &tokenize, &limit)) return NULL;
+    if (!PyArg_ParseTuple(args, "UO!OOn", &text, &PyDict_Type, &cache, &special, &tokenize, &limit))
+        return NULL;
+    if (special != Py_None && !PyAnySet_Check(special)) {
+        PyErr_SetString(PyExc_TypeError, "special must be a set or None");
+        return NULL;
+    }
     if (!stop_bits) {
         PyErr_SetString(PyExc_RuntimeError, "_chunks.setup() was not called");
         return NULL;
@@ -161,9 +192,24 @@ static PyObject *count(PyObject *self, PyObject *args) {
             Py_DECREF(chunk);
             continue;
         }
-        if (PyErr_Occurred() || (!missing && !(missing = PyList_New(0)))) {
+        int whole = PyErr_Occurred() ? -1 : whole_word(chunk, special);
+        if (whole > 0) { /* one word: counted here, no tokens needed */
+            ChunkCounts c;
+            memset(&c, 0, sizeof c);
+            if (add_word(chunk, &c) < 0) whole = -1;
+            PyObject *v = whole < 0 ? NULL : PyBytes_FromStringAndSize((const char *)&c, sizeof c);
+            if (v && PyDict_GET_SIZE(cache) + 1 >= limit) PyDict_Clear(cache);
+            if (!v || PyDict_SetItem(cache, chunk, v) < 0) whole = -1;
+            Py_XDECREF(v);
+            if (whole > 0) add(sum, &mask, &c);
+        }
+        if (whole < 0 || (!whole && !missing && !(missing = PyList_New(0)))) {
             Py_DECREF(chunk);
             goto done;
+        }
+        if (whole) {
+            Py_DECREF(chunk);
+            continue;
         }
         int rc = PyList_Append(missing, chunk);
         Py_DECREF(chunk);
@@ -218,15 +264,6 @@ done:
     return result;
 }
 
-static int is_letters(PyObject *chunk) {
-    Py_ssize_t n = PyUnicode_GET_LENGTH(chunk);
-    int kind = PyUnicode_KIND(chunk);
-    const void *data = PyUnicode_DATA(chunk);
-    for (Py_ssize_t i = 0; i < n; i++)
-        if (!Py_UNICODE_ISALPHA(PyUnicode_READ(kind, data, i))) return 0;
-    return n > 0;
-}
-
 /* spaced(text, cache, special, join) -> the document's tokens joined by single spaces.
  * A chunk of letters that is not in `special` (a set; None: no such shortcut) is itself; any other chunk's
  * spaced tokens come from cache (dict chunk -> str, read only here), and join(list of chunks) -> their
@@ -248,8 +285,7 @@ static PyObject *spaced(PyObject *self, PyObject *args) {
     while ((start = next_chunk(kind, data, n, &i)) >= 0) {
         PyObject *chunk = PyUnicode_Substring(text, start, i), *part = NULL;
         if (!chunk) goto done;
-        int whole = special != Py_None && is_letters(chunk);
-        if (whole && (whole = PySet_Contains(special, chunk)) >= 0) whole = !whole;
+        int whole = whole_word(chunk, special);
         if (whole < 0) {
             Py_DECREF(chunk);
             goto done;
@@ -324,10 +360,44 @@ done:
     return result;
 }
 
+static int is_bullet(Py_UCS4 ch) { return ch == 0x2022 || ch == '-'; }
+
+/* line_marks(text) -> (len(text.splitlines()), lines whose lstrip() starts with "\u2022" or "-", lines
+ * whose rstrip() ends with "..." or "\u2026"), without building the lines. */
+static PyObject *line_marks(PyObject *self, PyObject *args) {
+    PyObject *text;
+    if (!PyArg_ParseTuple(args, "U", &text)) return NULL;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text), i = 0, lines = 0, bullets = 0, ellipses = 0;
+    int kind = PyUnicode_KIND(text);
+    const void *data = PyUnicode_DATA(text);
+    while (i < n) {
+        Py_ssize_t start = i;
+        while (i < n && !Py_UNICODE_ISLINEBREAK(PyUnicode_READ(kind, data, i))) i++;
+        Py_ssize_t end = i; /* the line is [start, end) */
+        if (i < n) { /* a line break ends the line; "\r\n" is one */
+            if (PyUnicode_READ(kind, data, i) == '\r' && i + 1 < n && PyUnicode_READ(kind, data, i + 1) == '\n')
+                i++;
+            i++;
+        }
+        lines++;
+        Py_ssize_t a = start, b = end;
+        while (a < b && Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, a))) a++;
+        while (b > a && Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, b - 1))) b--;
+        if (a < b && is_bullet(PyUnicode_READ(kind, data, a))) bullets++;
+        if (b > a && (PyUnicode_READ(kind, data, b - 1) == 0x2026 ||
+                      (b - a >= 3 && PyUnicode_READ(kind, data, b - 1) == '.' &&
+                       PyUnicode_READ(kind, data, b - 2) == '.' && PyUnicode_READ(kind, data, b - 3) == '.')))
+            ellipses++;
+    }
+    return Py_BuildValue("(nnn)", lines, bullets, ellipses);
+}
+
 static PyMethodDef methods[] = {
     {"setup", setup, METH_VARARGS, "setup(punctuation, stop_words): the symbol characters and stop words."},
     {"count", count, METH_VARARGS,
-     "count(text, cache, tokenize, limit) -> (words, non_symbol, non_symbol_chars, alpha, stop_words)."},
+     "count(text, cache, special, tokenize, limit) -> (words, non_symbol, non_symbol_chars, alpha, "
+     "stop_words)."},
+    {"line_marks", line_marks, METH_VARARGS, "line_marks(text) -> (lines, bullet lines, ellipsis lines)."},
     {"spaced", spaced, METH_VARARGS, "spaced(text, cache, special, join) -> the tokens joined by spaces."},
     {NULL, NULL, 0, NULL},
 };

@@ -8,6 +8,7 @@ Each filter returns None to keep a document or the name of the rule that drops i
 from __future__ import annotations
 
 from data.config import GopherQualityConfig, GopherRepetitionConfig
+from data.filters._chunks import line_marks
 from data.filters._repetition import duplicate_pieces, first_rule
 from data.filters.text import DocText
 
@@ -43,15 +44,12 @@ class GopherQuality:
         ):
             return "gopher_too_many_ellipsis"
         # A.1.1: more than 90% of lines starting with a bullet, or more than 30% ending with an ellipsis.
-        lines = text.splitlines()
-        if c.max_bullet_lines_ratio:
-            bullets = sum(s.lstrip().startswith(("\u2022", "-")) for s in lines)
-            if bullets / len(lines) > c.max_bullet_lines_ratio:
-                return "gopher_too_many_bullets"
-        if c.max_ellipsis_lines_ratio:
-            ends = sum(s.rstrip().endswith(("...", "\u2026")) for s in lines)
-            if ends / len(lines) > c.max_ellipsis_lines_ratio:
-                return "gopher_too_many_end_ellipsis"
+        # (Counted in C over text.splitlines(), each line lstripped and rstripped: _chunks.line_marks.)
+        lines, bullets, ends = line_marks(text)
+        if c.max_bullet_lines_ratio and bullets / lines > c.max_bullet_lines_ratio:
+            return "gopher_too_many_bullets"
+        if c.max_ellipsis_lines_ratio and ends / lines > c.max_ellipsis_lines_ratio:
+            return "gopher_too_many_end_ellipsis"
         # A.1.1: at least 80% of words contain an alphabetic character.
         if c.max_non_alpha_words_ratio and counts.alpha / n_words < c.max_non_alpha_words_ratio:
             return "gopher_below_alpha_threshold"

@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
 from data.filters import _chunks
-from data.filters.tokens import chunk_tokens, clear_token_caches, ensure_tokens, spaced_words
+from data.filters.tokens import (
+    _special_if_letters_whole,
+    chunk_tokens,
+    clear_token_caches,
+    ensure_tokens,
+    spaced_words,
+)
 
 # datatrove/utils/text.py PUNCTUATION (symbols, CJK brackets and C0/C1 control characters) and
 # TERMINAL_PUNCTUATION (sentence-final marks of many scripts), copied so decisions match datatrove's.
@@ -146,8 +152,8 @@ def _counter():
 
 def word_counts(text: str) -> WordCounts:
     """The document's word counts, summed in C over its chunks' counts; a chunk's counts are computed
-    once, from its cached tokens (`_chunks.c`)."""
-    return WordCounts(*_counter()(text, _CHUNK_COUNTS, _tokens_of, _CACHE_LIMIT))
+    once, from its tokens, or as one word for a chunk of letters that is no special case (`_chunks.c`)."""
+    return WordCounts(*_counter()(text, _CHUNK_COUNTS, _special_if_letters_whole(), _tokens_of, _CACHE_LIMIT))
 
 
 def clear_caches() -> None:

@@ -33,6 +33,33 @@ def test_gopher_quality_rules():
     assert gq(long_words) == "gopher_above_avg_threshold"
 
 
+def test_gopher_line_marks_equal_splitlines():
+    """GopherQuality's bullet and end-ellipsis line counts (data/filters/_chunks.c `line_marks`) equal
+    datatrove's: over text.splitlines(), lines whose lstrip() starts with "\u2022" or "-" and whose
+    rstrip() ends with "..." or "\u2026", on every string of up to 5 characters over line breaks
+    splitlines knows ("\n", "\r", "\r\n", "\x0b", "\u2028"), spaces, the marks and a letter."""
+    import itertools
+
+    from data.filters._chunks import line_marks
+
+    checked = 0
+    for size in range(6):
+        for chars in itertools.product(
+            ["a", "\n", "\r", "\x0b", "\u2028", " ", "-", "\u2022", ".", "\u2026"], repeat=size
+        ):
+            text = "".join(chars)
+            lines = text.splitlines()
+            want = (
+                len(lines),
+                sum(s.lstrip().startswith(("\u2022", "-")) for s in lines),
+                sum(s.rstrip().endswith(("...", "\u2026")) for s in lines),
+            )
+            assert line_marks(text) == want, repr(text)
+            checked += want[1] > 0 and want[2] > 0
+    assert checked > 1000
+    assert line_marks("x\U0001f600...\r\n  - y\n") == (2, 1, 1)
+
+
 def test_gopher_repetition_rules():
     rep = GopherRepetition(GopherRepetitionConfig())
     assert rep(DocText(PROSE)) is None
