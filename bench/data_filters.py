@@ -5,7 +5,7 @@
 Corpus: data/samples.py `mixed_corpus` (package docs, Debian fortunes in 8 languages, the Debian
 handbook's pages through trafilatura). For each filter: identical keep/drop decisions (and, for C4, the
 same rewritten text), documents per CPU-second for datatrove and for Kiln, and the ratio. Kiln's caches
-(chunk tokens, representatives, word codes) start empty for every filter ("cold"), so no filter profits
+(chunk tokens, spaced words, word counts) start empty for every filter ("cold"), so no filter profits
 from another's tokenization; "warm" is a second pass over the same documents (every chunk cached, what a
 long run converges to). The chain row runs all four on one shared tokenization, as `python -m data` does.
 """
@@ -61,7 +61,7 @@ def main() -> None:
         ("FineWeb", dt.FineWebQualityFilter(), FineWebQuality(FineWebConfig())),
     ]
     # Load spaCy and build each side's one-time tables outside the timings (datatrove loads spaCy inside
-    # its first call; Kiln also builds its tokenizer shortcuts and representative tables, ~0.3 s).
+    # its first call; Kiln also compiles spaCy's patterns for its C tokenizer, ~0.4 s).
     ref_fn(pairs[0][1])("warm up spaCy in datatrove too.")
     for _, _, ours in pairs:
         ours_fn(ours)("Warm up spaCy in Kiln too. It has a second sentence.")
