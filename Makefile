@@ -32,7 +32,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-$(STAMP): pyproject.toml $(wildcard data/filters/*.c) | $(PY)
+$(STAMP): pyproject.toml $(wildcard data/filters/*.c) $(wildcard data/filters/*.h) | $(PY)
 	$(PY) -m pip install -q "$(TORCH)"
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[dev]"
 	@touch $@

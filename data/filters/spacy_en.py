@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 MAXCP = 0x10FFFF
 
-# Opcodes: keep in step with data/filters/_spacy_en.c.
+# Opcodes: keep in step with data/filters/_matcher.c.
 CHAR, SET, ANY, JMP, SPLIT, BRANCH, AT, ASSERT, MATCH = range(9)
 AT_CODES = {
     sc.AT_BEGINNING: 0,
