@@ -563,6 +563,14 @@ static PyObject *py_tokenize_into(PyObject *self, PyObject *args) {
     return T ? fill(T, chunks, tokens, spaced) : NULL;
 }
 
+/* What ensure returns for the distinct chunks not in tokens (`fresh`): fill them in, unless they would
+ * bring tokens to `limit` entries (then None, nothing added). */
+static PyObject *fill_fresh(Tok *T, PyObject *fresh, PyObject *tokens, PyObject *spaced, Py_ssize_t limit) {
+    if (PyList_GET_SIZE(fresh) == 0) return PyList_New(0);
+    if (PyDict_GET_SIZE(tokens) + PyList_GET_SIZE(fresh) >= limit) Py_RETURN_NONE;
+    return fill(T, fresh, tokens, spaced);
+}
+
 /* ensure(capsule, chunks, tokens, spaced, limit) -> the chunks where a search gave up, or None (and
  * nothing added) when the distinct chunks not in tokens would bring it to `limit` entries. The
  * iterable may repeat chunks (a document's split): looking each up here costs less than building a
@@ -607,14 +615,7 @@ static PyObject *py_ensure(PyObject *self, PyObject *args) {
         if (rc == 0) rc = PyList_Append(fresh, chunk);
         if (rc < 0) goto done;
     }
-    if (PyList_GET_SIZE(fresh) == 0) {
-        out = PyList_New(0);
-    } else if (PyDict_GET_SIZE(tokens) + PyList_GET_SIZE(fresh) >= limit) {
-        Py_INCREF(Py_None);
-        out = Py_None;
-    } else {
-        out = fill(T, fresh, tokens, spaced);
-    }
+    out = fill_fresh(T, fresh, tokens, spaced, limit);
 done:
     free(seen);
     Py_XDECREF(fresh);
@@ -680,14 +681,7 @@ static PyObject *py_ensure_text(PyObject *self, PyObject *args) {
         Py_DECREF(chunk);
         if (rc < 0) goto done;
     }
-    if (PyList_GET_SIZE(fresh) == 0) {
-        out = PyList_New(0);
-    } else if (PyDict_GET_SIZE(tokens) + PyList_GET_SIZE(fresh) >= limit) {
-        Py_INCREF(Py_None);
-        out = Py_None;
-    } else {
-        out = fill(T, fresh, tokens, spaced);
-    }
+    out = fill_fresh(T, fresh, tokens, spaced, limit);
 done:
     free(chunks.v);
     free(seen);
